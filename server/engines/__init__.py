@@ -1,0 +1,1 @@
+"""Delivery engines: the direct engine (MX lookup) and smarthosts."""

@@ -1,0 +1,1 @@
+"""Shared pytest configuration. Fixtures live next to the tests that use them or in tests/support/."""
