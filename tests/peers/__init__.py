@@ -1,0 +1,1 @@
+"""Tests against real peers from Debian's packages (Postfix)."""
