@@ -1,0 +1,273 @@
+"""Wiring and lifecycle of `routedsl serve`: one event loop, the parts, signals, shutdown.
+
+This module owns the order things start and stop in:
+  start:  logging -> rules (refuse to start on any error, diagnostics as `check` prints
+          them) -> spool.open() (lock + crash recovery) -> scheduler -> reloader ->
+          listeners -> one start-up line (listen addresses, spool, rules version, counts).
+  run:    SIGHUP reloads the rules; SIGTERM/SIGINT stop.
+  stop:   close the listeners (no new mail), let deliveries in flight finish within
+          `shutdown_timeout`, stop the reloader, close every engine's connections.
+
+It holds the one reference to the current Snapshot (`Relay.snapshot`); the scheduler reads
+it through a callable and the reloader replaces it, so a swap is one assignment on the loop.
+It never parses rules, speaks SMTP or touches spool files itself.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any, Optional
+
+from server.config import Address, ServeConfig
+
+log = logging.getLogger("routedsl.app")
+
+EXIT_OK = 0
+EXIT_START_FAILED = 1
+
+
+class StartError(Exception):
+    """The relay cannot start; the message is for the operator (no traceback)."""
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """One line per event on stderr: time, level, logger, message."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # aiosmtpd logs every command at INFO; keep its noise to warnings.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+def engine_context(config: ServeConfig):
+    from server.engines.base import EngineContext
+    return EngineContext(hostname=config.hostname, nameservers=config.nameservers,
+                         ca_file=str(config.ca_file) if config.ca_file else None)
+
+
+class Relay:
+    """The running relay: holds its parts and the current Snapshot."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.snapshot: Any = None
+        self.spool: Any = None
+        self.scheduler: Any = None
+        self.reloader: Any = None
+        self.servers: list[asyncio.AbstractServer] = []
+        self.addresses: list[Address] = []
+        self._tasks: list[asyncio.Task] = []
+        self._retiring: set[asyncio.Task] = set()
+        self._stopping = asyncio.Event()
+
+    # -- start ---------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.config
+        self.ctx = engine_context(cfg)
+        self.snapshot = await self._initial_snapshot()
+
+        from server.queue import Spool
+        self.spool = Spool(cfg.spool)
+        try:
+            waiting = await asyncio.to_thread(self.spool.open)
+        except OSError as exc:
+            raise StartError(f"cannot open the spool {cfg.spool}: {exc}") from None
+        except Exception as exc:  # e.g. the spool is locked by another relay
+            raise StartError(f"cannot open the spool {cfg.spool}: {exc}") from None
+
+        from server.scheduler import DeliveryConfig, Scheduler
+        self.scheduler = Scheduler(
+            self.spool, lambda: self.snapshot,
+            DeliveryConfig(hostname=cfg.hostname, min_backoff=cfg.min_backoff,
+                           max_backoff=cfg.max_backoff, queue_lifetime=cfg.queue_lifetime,
+                           delay_warning=cfg.delay_warning, mx_context=self.ctx))
+        self._tasks.append(asyncio.create_task(self.scheduler.run(), name="scheduler"))
+
+        self.reloader = self._make_reloader()
+        if self.reloader is not None:
+            self._tasks.append(asyncio.create_task(self.reloader.run(), name="reloader"))
+
+        await self._start_listeners()
+        table = self.snapshot.table
+        log.info("routedsl serving on %s spool=%s rules=%s version=%s engines=%d rules=%d waiting=%d",
+                 " ".join(str(a) for a in self.addresses), cfg.spool, cfg.rules,
+                 self.snapshot.version, len(table.engines), table.rule_count, len(waiting or ()))
+
+    async def _initial_snapshot(self):
+        from server.snapshot import build_snapshot
+        path = self.config.rules
+        try:
+            text = await asyncio.to_thread(path.read_text, encoding="utf-8")
+        except OSError as exc:
+            raise StartError(f"cannot read the rules file {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise StartError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        try:
+            return build_snapshot(text, str(path), self.ctx)
+        except Exception as exc:
+            text_out = _refusal_text(exc)
+            if text_out is None:
+                raise
+            raise StartError(f"{text_out.rstrip()}\nrefusing to start: {path} has errors") from None
+
+    def _make_reloader(self):
+        try:
+            from server.reload import Reloader
+        except ImportError:
+            log.warning("hot reload is not available in this build; restart to apply rule changes")
+            return None
+        return Reloader(self.config.rules, self.ctx, on_swap=self._swap, initial=self.snapshot)
+
+    def _swap(self, new) -> None:
+        """Called by the reloader on the loop: one assignment, then retire what was replaced."""
+        old, self.snapshot = self.snapshot, new
+        if old is None:
+            return
+        kept = {id(e) for e in new.engines.values()}
+        retired = [e for e in old.engines.values() if id(e) not in kept]
+        for engine in retired:
+            task = asyncio.create_task(self._close_engine(engine))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    async def _close_engine(self, engine) -> None:
+        try:
+            await asyncio.wait_for(engine.aclose(), self.config.shutdown_timeout)
+        except Exception:
+            log.warning("engine %s did not close cleanly", getattr(engine, "name", "?"), exc_info=True)
+
+    async def _start_listeners(self) -> None:
+        from server.intake import Intake, networks_policy
+        cfg = self.config
+        handler = Intake(self.spool, hostname=cfg.hostname, on_accepted=self.scheduler.wake,
+                         may_relay=networks_policy(cfg.relay_networks))
+        self.handler = handler
+        try:
+            from server import smtp as hardened
+        except ImportError:
+            hardened = None
+        try:
+            if hardened is not None and hasattr(hardened, "start_listeners"):
+                self.servers = list(await hardened.start_listeners(handler, cfg))
+            else:
+                self.servers = [await self._plain_listener(handler, cfg.listen)]
+        except OSError as exc:
+            raise StartError(f"cannot listen on {cfg.listen}: {exc.strerror or exc}") from None
+        self.addresses = [Address(*s.getsockname()[:2]) for srv in self.servers for s in srv.sockets]
+
+    async def _plain_listener(self, handler, addr: Address) -> asyncio.AbstractServer:
+        from aiosmtpd.smtp import SMTP
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        return await loop.create_server(
+            lambda: SMTP(handler, hostname=cfg.hostname, ident="routedsl", data_size_limit=cfg.max_size,
+                         enable_SMTPUTF8=True, loop=loop),
+            host=addr.host, port=addr.port)
+
+    # -- run and stop --------------------------------------------------------------
+    def install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+
+    def _on_stop_signal(self, sig: int) -> None:
+        log.info("received %s, stopping", signal.Signals(sig).name)
+        self._stopping.set()
+
+    def _on_hup(self) -> None:
+        if self.reloader is None:
+            log.warning("SIGHUP: hot reload is not available in this build")
+            return
+        task = asyncio.create_task(self.reloader.reload_now("SIGHUP"))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def wait(self) -> None:
+        """Until a stop is requested or a core task dies (that stops the relay too)."""
+        stop = asyncio.create_task(self._stopping.wait())
+        done, _ = await asyncio.wait([stop, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        for task in done:
+            if task is not stop and not task.cancelled() and task.exception() is not None:
+                log.error("%s failed; stopping the relay", task.get_name(), exc_info=task.exception())
+
+    async def stop(self) -> None:
+        started = time.monotonic()
+        for srv in self.servers:
+            srv.close()
+        if self.reloader is not None:
+            await _quietly(self.reloader.stop())
+        if self.scheduler is not None:
+            try:
+                await asyncio.wait_for(self.scheduler.stop(), self.config.shutdown_timeout)
+            except asyncio.TimeoutError:
+                log.warning("deliveries still in flight after %.0fs; they will be retried at the next start",
+                            self.config.shutdown_timeout)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.snapshot is not None:
+            await asyncio.gather(*(self._close_engine(e) for e in self.snapshot.engines.values()))
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
+        if self.spool is not None and hasattr(self.spool, "close"):
+            await _quietly(asyncio.to_thread(self.spool.close))
+        log.info("stopped in %.1fs", time.monotonic() - started)
+
+
+async def _quietly(awaitable) -> None:
+    try:
+        await awaitable
+    except Exception:
+        log.warning("error while stopping", exc_info=True)
+
+
+def _refusal_text(exc: Exception) -> Optional[str]:
+    """The operator-facing text of a refused rules file or secret, or None for a real bug."""
+    for attr in ("text", "diagnostics_text", "rendered"):
+        value = getattr(exc, attr, None)
+        if isinstance(value, str) and value:
+            return value
+    name = type(exc).__name__
+    if name in ("ReloadRefused", "RulesError", "SecretError"):
+        return str(exc)
+    return None
+
+
+async def serve(config: ServeConfig) -> int:
+    relay = Relay(config)
+    try:
+        await relay.start()
+    except StartError as exc:
+        print(f"routedsl serve: {exc}", file=sys.stderr)
+        await relay.stop()
+        return EXIT_START_FAILED
+    relay.install_signals()
+    try:
+        await relay.wait()
+    finally:
+        await relay.stop()
+    return EXIT_OK
+
+
+def run(config: ServeConfig) -> int:
+    """Run the relay until SIGTERM/SIGINT; uvloop when it is installed."""
+    setup_logging()
+    try:
+        import uvloop
+        factory = uvloop.new_event_loop
+    except ImportError:
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(serve(config))

@@ -1,0 +1,186 @@
+"""The aiosmtpd handler: what happens to a message once the client has sent it.
+
+This module owns the hand-over from the SMTP conversation to the spool:
+  * RCPT: relay permission (loopback or --relay-network, or an authenticated session),
+    else `554 5.7.1`; the hardened protocol in server/smtp.py may refuse earlier.
+  * DATA: the content policy of server/hygiene.py (line ends, NUL, hop count), a
+    `Received:` header built only from sanitised values, then `await spool.accept(...)`.
+    `250 2.0.0 Ok: queued as ID` is answered only after accept() returns, that is after
+    the message is fsynced (G1). Then the scheduler is woken for it.
+  * Failures are answered as temporary (G4): a write error `451 4.3.0`, a full disk or
+    quota `452 4.3.1`, anything else `451 4.3.0` with the traceback in the log. Never a
+    5xx for our own trouble and never exception text to the client.
+
+It never speaks SMTP to the next hop and never decides routes: the scheduler does.
+"""
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import re
+from email.utils import formatdate
+from typing import Any, Callable, Iterable, Optional, Protocol
+
+log = logging.getLogger("routedsl.intake")
+
+OK_QUEUED = "250 2.0.0 Ok: queued as {id}"
+RELAY_DENIED = "554 5.7.1 Relay access denied"
+WRITE_ERROR = "451 4.3.0 Error: queue file write error, try again later"
+DISK_FULL = "452 4.3.1 Insufficient system storage, try again later"
+INTERNAL_ERROR = "451 4.3.0 Internal error, try again later"
+TOO_MANY_HOPS = "554 5.4.6 Too many hops (mail loop?)"
+MAX_HOPS = 50
+
+_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+class Spool(Protocol):
+    async def accept(self, sender: str, recipients: list[str], data: bytes, *, smtputf8: bool = False) -> Any: ...
+
+
+def loopback_only(peer_ip: str, user: Optional[str]) -> bool:
+    """The default relay permission: loopback clients, or anyone who authenticated."""
+    return user is not None or _in_networks(peer_ip, _LOOPBACK)
+
+
+_LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+def _in_networks(ip: str, networks: Iterable[ipaddress._BaseNetwork]) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr.version == n.version and addr in n for n in networks)
+
+
+def networks_policy(cidrs: Iterable[str]) -> Callable[[str, Optional[str]], bool]:
+    """Relay permission for the given networks (replacing the loopback default) or an authenticated user."""
+    nets = tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+    return lambda ip, user: user is not None or _in_networks(ip, nets)
+
+
+# --- DATA hygiene --------------------------------------------------------------------
+# server/hygiene.py owns the content policy; these fallbacks keep the relay safe
+# (G6: no bare CR/LF or NUL ever leaves as a line end) when it is not installed.
+
+_LINE_ENDS = re.compile(rb"\r\n|\r|\n")
+_RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
+_SAFE_TOKEN = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
+
+
+def _normalise(data: bytes) -> bytes:
+    return _LINE_ENDS.sub(b"\r\n", data.replace(b"\x00", b""))
+
+
+def _hop_count(data: bytes) -> int:
+    end = data.find(b"\r\n\r\n")
+    headers = data if end < 0 else data[: end + 2]
+    return len(_RECEIVED.findall(headers))
+
+
+def _token(text: Optional[str], limit: int = 255) -> str:
+    cleaned = _SAFE_TOKEN.sub("", text or "")[:limit]
+    return cleaned or "unknown"
+
+
+def received_header(*, helo: Optional[str], peer_ip: str, hostname: str, protocol: str,
+                    recipient: Optional[str], when: Optional[float] = None) -> bytes:
+    """One `Received:` header (RFC 5321 §4.4) from sanitised values only, CRLF-terminated."""
+    for_clause = ""
+    if recipient is not None:
+        local, _, domain = recipient.rpartition("@")
+        addr = f"{_token(local, 64)}@{_token(domain)}" if local else _token(recipient)
+        for_clause = f"\r\n\tfor <{addr}>"
+    line = (f"Received: from {_token(helo)} ([{_token(peer_ip, 45)}])\r\n"
+            f"\tby {_token(hostname)} (routedsl) with {protocol}{for_clause};\r\n"
+            f"\t{formatdate(when, localtime=False)}\r\n")
+    return line.encode("ascii")
+
+
+def _protocol(session: Any, smtputf8: bool) -> str:
+    proto = "UTF8SMTP" if smtputf8 else ("ESMTP" if getattr(session, "extended_smtp", True) else "SMTP")
+    if getattr(session, "ssl", None):
+        proto += "S"
+    if getattr(session, "authenticated", False):
+        proto += "A"
+    return proto
+
+
+def _login(session: Any) -> Optional[str]:
+    if not getattr(session, "authenticated", False):
+        return None
+    data = getattr(session, "auth_data", None) or getattr(session, "login_data", None)
+    login = getattr(data, "login", data)
+    if isinstance(login, bytes):
+        login = login.decode("utf-8", "replace")
+    return str(login) if login else "authenticated"
+
+
+class Intake:
+    """The aiosmtpd handler. `on_accepted(msg)` is called after each durable accept (scheduler.wake)."""
+
+    def __init__(self, spool: Spool, *, hostname: str,
+                 on_accepted: Callable[[Any], None] = lambda msg: None,
+                 may_relay: Callable[[str, Optional[str]], bool] = loopback_only,
+                 hygiene: Any = None) -> None:
+        self.spool = spool
+        self.hostname = hostname
+        self.on_accepted = on_accepted
+        self.may_relay = may_relay
+        self.hygiene = hygiene
+
+    async def handle_RCPT(self, server, session, envelope, address: str, rcpt_options: list[str]) -> str:
+        peer_ip = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
+        if not self.may_relay(peer_ip, _login(session)):
+            log.info("relay denied: client %s recipient %r", peer_ip, address)
+            return RELAY_DENIED
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server, session, envelope) -> str:
+        try:
+            return await self._data(session, envelope)
+        except Exception:
+            log.exception("internal error while accepting a message; answered 451")
+            return INTERNAL_ERROR
+
+    async def _data(self, session, envelope) -> str:
+        peer_ip = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
+        raw = envelope.original_content or b""
+        data = _normalise(raw)
+        if _hop_count(data) > MAX_HOPS:
+            log.warning("refused a message from %s: more than %d Received headers", peer_ip, MAX_HOPS)
+            return TOO_MANY_HOPS
+        sender = "" if envelope.mail_from in (None, "", "<>") else envelope.mail_from
+        recipients = list(envelope.rcpt_tos)
+        smtputf8 = bool(getattr(envelope, "smtp_utf8", False))
+        header = received_header(
+            helo=session.host_name, peer_ip=peer_ip, hostname=self.hostname,
+            protocol=_protocol(session, smtputf8),
+            recipient=recipients[0] if len(recipients) == 1 else None)
+        try:
+            msg = await self.spool.accept(sender, recipients, header + data, smtputf8=smtputf8)
+        except OSError as exc:
+            if exc.errno in _FULL_ERRNOS:
+                log.error("spool full, answered 452: %s", exc)
+                return DISK_FULL
+            log.error("spool write failed, answered 451: %s", exc)
+            return WRITE_ERROR
+        qid = getattr(msg, "id", None) or getattr(msg, "qid", None) or str(msg)
+        log.info("%s: accepted from %s sender=<%s> nrcpt=%d size=%d",
+                 qid, peer_ip, sender, len(recipients), len(data) + len(header))
+        try:
+            self.on_accepted(msg)
+        except Exception:
+            # The message is durable; the scheduler's own scan will find it.
+            log.exception("%s: could not wake the scheduler", qid)
+        return OK_QUEUED.format(id=qid)
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("SMTP session error, answered 451", exc_info=error)
+        return INTERNAL_ERROR

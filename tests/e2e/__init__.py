@@ -1,0 +1,1 @@
+"""End-to-end tests: the relay as a whole, over loopback, with real servers and peers."""

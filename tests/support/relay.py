@@ -1,0 +1,196 @@
+"""Run `routedsl serve` as a real subprocess for end-to-end tests.
+
+    relay = RelayProcess(rules_file, spool_dir, nameserver=dns.nameserver, ca_file=ca_path)
+    relay.start()                 # waits until it accepts connections (or fails with its log)
+    smtplib.SMTP(*relay.address)  # talk to it
+    relay.kill(); relay.start()   # SIGKILL, then restart on the same spool and port
+    relay.stop()                  # SIGTERM, SIGKILL after a deadline; returns the exit code
+    relay.log                     # everything it wrote to stderr, over every run
+
+From async tests (whose fake servers run on the test's event loop) use the `a`-prefixed
+methods, which wait in a thread so the loop keeps serving: `await relay.astart()`,
+`await relay.astop()`. Every process started is stopped by `stop()`/`kill()` or by leaving
+the `with` block; nothing outlives the test.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Mapping, Optional
+
+_SERVING = re.compile(r"serving on (\S+)")
+_MODULE = "routedsl" if importlib.util.find_spec("routedsl.__main__") else "server.cli"
+
+
+class RelayExited(AssertionError):
+    """The relay stopped while we waited for it; the message carries its log."""
+
+
+class RelayProcess:
+    def __init__(self, rules: Path | str, spool: Path | str, *, nameserver: Optional[str] = None,
+                 ca_file: Optional[Path | str] = None, hostname: str = "relay.test",
+                 listen: str = "127.0.0.1:0", min_backoff: str = "1s", max_backoff: str = "2s",
+                 args: Iterable[str] = (), env: Optional[Mapping[str, str]] = None) -> None:
+        self.rules = Path(rules)
+        self.spool = Path(spool)
+        self.nameserver = nameserver
+        self.ca_file = ca_file
+        self.hostname = hostname
+        self.listen = listen
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+        self.extra = list(args)
+        self.env = dict(env or {})
+        self.proc: Optional[subprocess.Popen] = None
+        self.address: Optional[tuple[str, int]] = None
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+        self._reader: Optional[threading.Thread] = None
+
+    # -- the command ---------------------------------------------------------------
+    def command(self) -> list[str]:
+        listen = f"{self.address[0]}:{self.address[1]}" if self.address else self.listen
+        cmd = [sys.executable, "-m", _MODULE, "serve", str(self.rules), "--listen", listen,
+               "--spool", str(self.spool), "--hostname", self.hostname,
+               "--min-backoff", self.min_backoff, "--max-backoff", self.max_backoff,
+               "--shutdown-timeout", "5s"]
+        if self.nameserver:
+            cmd += ["--nameserver", self.nameserver]
+        if self.ca_file:
+            cmd += ["--ca-file", str(self.ca_file)]
+        return cmd + self.extra
+
+    # -- lifecycle -----------------------------------------------------------------
+    def start(self, timeout: float = 20.0) -> "RelayProcess":
+        """Start (or restart on the same spool and port) and wait until it accepts connections."""
+        assert not self.running, "relay already running"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        mark = len(self._lines)
+        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, env=env, text=True, errors="replace")
+        self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self._reader.join(2)
+                raise RelayExited(f"relay exited with {self.proc.returncode} during start-up:\n{self.log_since(mark)}")
+            found = self._serving_address(mark)
+            if found and _accepts(found):
+                self.address = found
+                return self
+            time.sleep(0.02)
+        self.kill()
+        raise RelayExited(f"relay did not accept connections within {timeout}s:\n{self.log_since(mark)}")
+
+    def stop(self, timeout: float = 15.0) -> Optional[int]:
+        """SIGTERM, then SIGKILL after `timeout`; returns the exit code (negative for a signal)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self._finish()
+
+    def kill(self) -> Optional[int]:
+        """SIGKILL at once (the crash case)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        return self._finish()
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None and self.proc.poll() is None
+        self.proc.send_signal(sig)
+
+    def _finish(self) -> Optional[int]:
+        assert self.proc is not None
+        code = self.proc.returncode
+        if self._reader is not None:
+            self._reader.join(5)
+        self.proc = None
+        return code
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    async def astart(self, timeout: float = 20.0) -> "RelayProcess":
+        return await asyncio.to_thread(self.start, timeout)
+
+    async def astop(self, timeout: float = 15.0) -> Optional[int]:
+        return await asyncio.to_thread(self.stop, timeout)
+
+    async def akill(self) -> Optional[int]:
+        return await asyncio.to_thread(self.kill)
+
+    def __enter__(self) -> "RelayProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> "RelayProcess":
+        return await self.astart()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.astop()
+
+    # -- the log -------------------------------------------------------------------
+    def _read(self, proc: subprocess.Popen) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            with self._lock:
+                self._lines.append(line.rstrip("\n"))
+        proc.stderr.close()
+
+    @property
+    def log(self) -> str:
+        with self._lock:
+            return "\n".join(self._lines)
+
+    def log_since(self, mark: int) -> str:
+        with self._lock:
+            return "\n".join(self._lines[mark:])
+
+    def wait_for_log(self, pattern: str, timeout: float = 10.0) -> re.Match:
+        """Poll the log until `pattern` (a regex) appears; fail with the log otherwise."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            m = rx.search(self.log)
+            if m:
+                return m
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no log line matching {pattern!r} within {timeout}s:\n{self.log}")
+            time.sleep(0.02)
+
+    def _serving_address(self, mark: int) -> Optional[tuple[str, int]]:
+        m = _SERVING.search(self.log_since(mark))
+        if not m:
+            return None
+        host, _, port = m.group(1).rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+def _accepts(address: tuple[str, int]) -> bool:
+    try:
+        with socket.create_connection(address, timeout=1):
+            return True
+    except OSError:
+        return False
