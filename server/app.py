@@ -63,7 +63,6 @@ class Relay:
         self.servers: list[asyncio.AbstractServer] = []
         self.addresses: list[Address] = []
         self._tasks: list[asyncio.Task] = []
-        self._retiring: set[asyncio.Task] = set()
         self._stopping = asyncio.Event()
 
     # -- start ---------------------------------------------------------------------
@@ -122,19 +121,13 @@ class Relay:
         except ImportError:
             log.warning("hot reload is not available in this build; restart to apply rule changes")
             return None
-        return Reloader(self.config.rules, self.ctx, on_swap=self._swap, initial=self.snapshot)
+        return Reloader(self.config.rules, self.ctx, on_swap=self._swap, initial=self.snapshot,
+                        spool=self.config.spool)
 
     def _swap(self, new) -> None:
-        """Called by the reloader on the loop: one assignment, then retire what was replaced."""
-        old, self.snapshot = self.snapshot, new
-        if old is None:
-            return
-        kept = {id(e) for e in new.engines.values()}
-        retired = [e for e in old.engines.values() if id(e) not in kept]
-        for engine in retired:
-            task = asyncio.create_task(self._close_engine(engine))
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
+        """Called by the reloader on the loop: one assignment. The reloader retires the
+        engines the new snapshot does not reuse (they finish their deliveries first)."""
+        self.snapshot = new
 
     async def _close_engine(self, engine) -> None:
         try:
@@ -185,9 +178,7 @@ class Relay:
         if self.reloader is None:
             log.warning("SIGHUP: hot reload is not available in this build")
             return
-        task = asyncio.create_task(self.reloader.reload_now("SIGHUP"))
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self.reloader.request("SIGHUP")
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -207,6 +198,8 @@ class Relay:
             srv.close()
         if self.reloader is not None:
             await _quietly(self.reloader.stop())
+            if self._tasks and self._tasks[-1].get_name() == "reloader":
+                await _quietly(asyncio.wait_for(asyncio.shield(self._tasks[-1]), self.config.shutdown_timeout))
         if self.scheduler is not None:
             try:
                 await asyncio.wait_for(self.scheduler.stop(), self.config.shutdown_timeout)
@@ -218,17 +211,16 @@ class Relay:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.snapshot is not None:
             await asyncio.gather(*(self._close_engine(e) for e in self.snapshot.engines.values()))
-        for task in list(self._retiring):
-            task.cancel()
-        await asyncio.gather(*self._retiring, return_exceptions=True)
         if self.spool is not None and hasattr(self.spool, "close"):
             await _quietly(asyncio.to_thread(self.spool.close))
         log.info("stopped in %.1fs", time.monotonic() - started)
 
 
-async def _quietly(awaitable) -> None:
+async def _quietly(result) -> None:
+    """Await `result` when it is awaitable (stop() may be sync or async); log, never raise."""
     try:
-        await awaitable
+        if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+            await result
     except Exception:
         log.warning("error while stopping", exc_info=True)
 

@@ -125,8 +125,17 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         delay_warning=parse_duration_flag(args.delay_warning, "--delay-warning"),
         ca_file=_existing_file(args.ca_file, "--ca-file"),
         shutdown_timeout=parse_duration_flag(args.shutdown_timeout, "--shutdown-timeout"),
-        limits=limits_mod.from_args(args) if limits_mod is not None else None,
+        limits=_limits_from(limits_mod, args),
     )
+
+
+def _limits_from(limits_mod, args: argparse.Namespace):
+    if limits_mod is None:
+        return None
+    try:
+        return limits_mod.from_args(args)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def serve_main(argv: Sequence[str]) -> int:
