@@ -1,0 +1,759 @@
+"""The durable spool: the relay's source of truth for every accepted message.
+
+Owns the on-disk queue and nothing else: committing messages (temp file, fsync, rename,
+fsync of the folder — only then is a message acknowledged), per-recipient delivery state,
+crash recovery at start-up, the one-relay-per-spool lock, and the control folder through
+which `routedsl queue` talks to a running relay. It never speaks SMTP, never routes and
+never decides what a delivery outcome means (that is server/scheduler.py and
+server/outcome.py).
+
+Layout under the spool root (Postfix's "queue state = directory", OpenSMTPD's commit by
+rename):
+
+    lock              flock'ed by the relay that owns the spool; holds its pid
+    tmp/              files being written; never acknowledged; dropped at start-up
+    msg/ID            one committed message: a JSON envelope line, then the raw bytes
+    state/ID.json     per-recipient state (versioned JSON); absent = every recipient pending
+    corrupt/          quarantine for torn or unparseable files (never silently deleted)
+    control/          requests from `routedsl queue` (NAME.req) and the relay's answers (NAME.res)
+
+The envelope line carries the data's size and SHA-256, so a torn or altered message is
+detected (at start-up by size, before delivery by checksum) and quarantined. State files
+are replaced atomically (temp + fsync + rename + fsync of state/), so a reader sees the old
+state or the new one, never half of either. A message is removed by unlinking msg/ID first
+(then state/ID.json): a crash in between leaves an orphan state file, which start-up
+discards; the reverse order could resurrect a finished message.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Literal, Optional
+
+log = logging.getLogger("routedsl.queue")
+
+FORMAT_VERSION = 1
+Kind = Literal["mail", "bounce", "delay"]
+Status = Literal["pending", "delivered", "failed"]
+KINDS: tuple[str, ...] = ("mail", "bounce", "delay")
+STATUSES: tuple[str, ...] = ("pending", "delivered", "failed")
+_ID_RE = re.compile(r"^[0-9A-F]{20}$")
+_REQ_RE = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
+_MAX_HEADER_LINE = 4 * 1024 * 1024  # an envelope line longer than this is corrupt
+
+
+class SpoolError(Exception):
+    """A spool problem worth a clear one-line message (never a traceback to a user)."""
+
+
+class SpoolBusy(SpoolError):
+    """Another process holds the spool lock."""
+
+    def __init__(self, root: Path, pid: Optional[int]) -> None:
+        self.pid = pid
+        who = f"pid {pid}" if pid else "another process"
+        super().__init__(f"spool {root} is in use by {who}")
+
+
+class CorruptMessage(SpoolError):
+    """A committed message failed its checksum and was moved to corrupt/."""
+
+
+def is_queue_id(text: str) -> bool:
+    return bool(_ID_RE.match(text))
+
+
+def new_queue_id() -> str:
+    """20 upper-case hex digits: microseconds since the epoch, then 24 random bits.
+
+    Sorting ids sorts by arrival; the random tail keeps ids unique across processes.
+    """
+    return f"{time.time_ns() // 1000:014X}{secrets.randbits(24):06X}"
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedMessage:
+    """The envelope of one committed message (its bytes stay on disk until delivery)."""
+    id: str
+    sender: str                      # '' is the null sender
+    recipients: tuple[str, ...]
+    size: int
+    arrival: float
+    smtputf8: bool = False
+    kind: str = "mail"               # mail | bounce | delay; only "mail" may ever be bounced
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientState:
+    address: str
+    status: str = "pending"          # pending | delivered | failed
+    replies: tuple[tuple[str, str], ...] = ()   # (engine, its last cleaned reply), first tried first
+    status_code: Optional[str] = None           # enhanced status of the last reply, e.g. "4.4.1"
+    remote: Optional[str] = None                # the host that gave the last reply, if known
+
+    @property
+    def final(self) -> bool:
+        return self.status != "pending"
+
+    def with_reply(self, engine: str, reply: str, status_code: Optional[str],
+                   remote: Optional[str]) -> "RecipientState":
+        replies = tuple((e, r) for e, r in self.replies if e != engine) + ((engine, reply),)
+        return dataclasses.replace(self, replies=replies, status_code=status_code, remote=remote)
+
+    @property
+    def last_reply(self) -> Optional[str]:
+        return self.replies[-1][1] if self.replies else None
+
+
+@dataclass(frozen=True, slots=True)
+class MessageState:
+    """Everything the scheduler knows about a message's progress; written before acted on."""
+    id: str
+    recipients: tuple[RecipientState, ...]
+    first_arrival: float
+    attempts: int = 0
+    next_attempt: float = 0.0
+    delay_notified: bool = False
+    version: int = FORMAT_VERSION
+
+    @classmethod
+    def initial(cls, msg: QueuedMessage) -> "MessageState":
+        return cls(id=msg.id, recipients=tuple(RecipientState(r) for r in msg.recipients),
+                   first_arrival=msg.arrival, next_attempt=msg.arrival)
+
+    def recipient(self, address: str) -> RecipientState:
+        for r in self.recipients:
+            if r.address == address:
+                return r
+        raise KeyError(address)
+
+    @property
+    def pending(self) -> tuple[str, ...]:
+        return tuple(r.address for r in self.recipients if r.status == "pending")
+
+    @property
+    def done(self) -> bool:
+        return all(r.final for r in self.recipients)
+
+    def update(self, changed: Iterable[RecipientState], **fields: object) -> "MessageState":
+        new = {r.address: r for r in changed}
+        recipients = tuple(new.get(r.address, r) for r in self.recipients)
+        return dataclasses.replace(self, recipients=recipients, **fields)  # type: ignore[arg-type]
+
+    def engine_replies(self) -> dict[str, str]:
+        """Last reply per engine over all recipients still waiting (or all, when none wait)."""
+        waiting = [r for r in self.recipients if r.status == "pending"] or list(self.recipients)
+        out: dict[str, str] = {}
+        for r in waiting:
+            for engine, reply in r.replies:
+                out[engine] = reply
+        return out
+
+    def to_json(self) -> dict:
+        return {
+            "version": self.version, "id": self.id, "attempts": self.attempts,
+            "next_attempt": self.next_attempt, "first_arrival": self.first_arrival,
+            "delay_notified": self.delay_notified,
+            "recipients": [
+                {"address": r.address, "status": r.status,
+                 "replies": {e: t for e, t in r.replies},
+                 "status_code": r.status_code, "remote": r.remote}
+                for r in self.recipients],
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "MessageState":
+        if not isinstance(obj, dict) or obj.get("version") != FORMAT_VERSION:
+            raise ValueError(f"unsupported state version {obj.get('version') if isinstance(obj, dict) else obj!r}")
+        recipients = []
+        for r in obj["recipients"]:
+            if r["status"] not in STATUSES:
+                raise ValueError(f"unknown status {r['status']!r}")
+            replies = r.get("replies") or {}
+            if not isinstance(replies, dict):
+                raise ValueError("replies is not an object")
+            recipients.append(RecipientState(
+                address=str(r["address"]), status=r["status"],
+                replies=tuple((str(e), str(t)) for e, t in replies.items()),
+                status_code=r.get("status_code"), remote=r.get("remote")))
+        return cls(id=str(obj["id"]), recipients=tuple(recipients),
+                   first_arrival=float(obj["first_arrival"]), attempts=int(obj["attempts"]),
+                   next_attempt=float(obj["next_attempt"]),
+                   delay_notified=bool(obj["delay_notified"]))
+
+
+@dataclass(frozen=True, slots=True)
+class ControlRequest:
+    """One request dropped into control/ by `routedsl queue` for the running relay."""
+    name: str
+    op: str                 # "retry" | "delete"
+    id: Optional[str]       # None with op "retry" means every message
+
+
+# ---------------------------------------------------------------- low-level file helpers
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, chunks: Iterable[bytes]) -> None:
+    """Create `path` (must not exist), write, fsync. On any error the file is removed."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb", closefd=False) as f:
+            for chunk in chunks:
+                f.write(chunk)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
+
+
+def _envelope_line(msg: QueuedMessage, digest: str) -> bytes:
+    obj = {"version": FORMAT_VERSION, "id": msg.id, "kind": msg.kind, "sender": msg.sender,
+           "recipients": list(msg.recipients), "smtputf8": msg.smtputf8,
+           "arrival": msg.arrival, "size": msg.size, "sha256": digest}
+    # ensure_ascii keeps the line ASCII even for SMTPUTF8 addresses (and escapes any surrogates)
+    return json.dumps(obj, ensure_ascii=True, separators=(",", ":")).encode("ascii") + b"\n"
+
+
+def _parse_envelope(line: bytes) -> tuple[QueuedMessage, str]:
+    obj = json.loads(line)
+    if not isinstance(obj, dict) or obj.get("version") != FORMAT_VERSION:
+        raise ValueError("unsupported message version")
+    kind = obj["kind"]
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}")
+    recipients = obj["recipients"]
+    if not isinstance(recipients, list) or not recipients:
+        raise ValueError("no recipients")
+    msg = QueuedMessage(id=str(obj["id"]), sender=str(obj["sender"]),
+                        recipients=tuple(str(r) for r in recipients), size=int(obj["size"]),
+                        arrival=float(obj["arrival"]), smtputf8=bool(obj["smtputf8"]), kind=kind)
+    return msg, str(obj["sha256"])
+
+
+def read_envelope(path: Path) -> tuple[QueuedMessage, str, int]:
+    """(message, sha256, offset of the data) from a committed file; ValueError if torn."""
+    with open(path, "rb") as f:
+        line = f.readline(_MAX_HEADER_LINE)
+        if not line.endswith(b"\n"):
+            raise ValueError("envelope line is incomplete")
+        msg, digest = _parse_envelope(line)
+        total = os.fstat(f.fileno()).st_size
+    if msg.id != path.name:
+        raise ValueError(f"envelope id {msg.id} does not match the file name")
+    if total != len(line) + msg.size:
+        raise ValueError(f"file has {total - len(line)} bytes of data, envelope says {msg.size}")
+    return msg, digest, len(line)
+
+
+def read_state_file(path: Path) -> MessageState:
+    with open(path, "rb") as f:
+        return MessageState.from_json(json.loads(f.read()))
+
+
+# ---------------------------------------------------------------- group commit of folders
+
+class _GroupSync:
+    """fsync one folder on behalf of every caller that renamed into it before the sync began.
+
+    Callers that arrive while a sync runs share the next one: under load, many commits
+    cost one folder fsync (group commit), and each caller still returns only after a
+    sync that started after its own rename.
+    """
+
+    def __init__(self, path: Path, executor: ThreadPoolExecutor) -> None:
+        self._path = path
+        self._executor = executor
+        self._waiters: list[asyncio.Future[None]] = []
+        self._task: Optional[asyncio.Task[None]] = None
+
+    async def sync(self) -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(fut)
+        if self._task is None:
+            self._task = loop.create_task(self._run())
+        await fut
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._waiters:
+                waiters, self._waiters = self._waiters, []
+                try:
+                    await loop.run_in_executor(self._executor, fsync_dir, self._path)
+                except OSError as exc:
+                    for w in waiters:
+                        if not w.done():
+                            w.set_exception(exc)
+                else:
+                    for w in waiters:
+                        if not w.done():
+                            w.set_result(None)
+        finally:
+            self._task = None
+
+
+# ---------------------------------------------------------------- the spool
+
+class Spool:
+    """One spool folder. `open()` before use; one relay per spool (flock on `lock`).
+
+    Blocking methods (`put`, `write_state`, `remove`, `read_data`, ...) are for threads and
+    tools; the relay's event loop uses the async ones (`accept`, `record`, `finish`, `load`),
+    which run the same code in the spool's own thread pool.
+    """
+
+    def __init__(self, root: Path | str, *, io_threads: int = 16) -> None:
+        self.root = Path(root)
+        self.tmp_dir = self.root / "tmp"
+        self.msg_dir = self.root / "msg"
+        self.state_dir = self.root / "state"
+        self.corrupt_dir = self.root / "corrupt"
+        self.control_dir = self.root / "control"
+        self.lock_path = self.root / "lock"
+        self._io_threads = io_threads
+        self._executor: Optional[ThreadPoolExecutor] = None
+        self._lock_fd: Optional[int] = None
+        self._messages: dict[str, QueuedMessage] = {}
+        self._states: dict[str, MessageState] = {}
+        self._msg_sync: Optional[_GroupSync] = None
+        self._state_sync: Optional[_GroupSync] = None
+
+    # -- lifecycle
+
+    def open(self) -> list[QueuedMessage]:
+        """Lock the spool, recover what a crash left, return the waiting messages (oldest first).
+
+        Raises SpoolBusy when another process holds the lock, SpoolError when the folder
+        cannot be used.
+        """
+        try:
+            for d in (self.root, self.tmp_dir, self.msg_dir, self.state_dir,
+                      self.corrupt_dir, self.control_dir):
+                d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise SpoolError(f"cannot use spool {self.root}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolBusy(self.root, lock_holder(self.root)) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+        self._executor = ThreadPoolExecutor(self._io_threads, thread_name_prefix="spool-io")
+        self._msg_sync = _GroupSync(self.msg_dir, self._executor)
+        self._state_sync = _GroupSync(self.state_dir, self._executor)
+        self._recover()
+        return self.messages()
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def __enter__(self) -> "Spool":
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- recovery
+
+    def _recover(self) -> None:
+        for p in sorted(self.tmp_dir.iterdir()):
+            log.warning("dropped unfinished temp file %s (it was never acknowledged)", p.name)
+            _unlink_quietly(p)
+        self._messages.clear()
+        self._states.clear()
+        for p in sorted(self.msg_dir.iterdir()):
+            if not is_queue_id(p.name) or not p.is_file():
+                self._quarantine(p, "not a queue file name")
+                continue
+            try:
+                msg, _digest, _offset = read_envelope(p)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                self._quarantine(p, f"torn or unreadable message: {exc}")
+                _unlink_quietly(self.state_dir / f"{p.name}.json")
+                continue
+            self._messages[msg.id] = msg
+        for p in sorted(self.state_dir.iterdir()):
+            qid = p.name.removesuffix(".json")
+            msg = self._messages.get(qid)
+            if msg is None or not p.name.endswith(".json"):
+                # the message was finished (msg/ is unlinked first) or never existed
+                log.info("removed state file %s without a message", p.name)
+                _unlink_quietly(p)
+                continue
+            try:
+                state = read_state_file(p)
+                if state.id != qid or [r.address for r in state.recipients] != list(msg.recipients):
+                    raise ValueError("state does not match its message")
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                self._quarantine(p, f"torn or unreadable state ({exc}); message {qid} "
+                                    f"recovered with every recipient pending")
+                continue
+            self._states[qid] = state
+        for qid, msg in list(self._messages.items()):
+            state = self._states.get(qid)
+            if state is not None and state.done:
+                # every recipient was final but the crash came before the removal
+                self.remove(qid)
+        if self._messages:
+            log.info("spool %s: %d message(s) waiting", self.root, len(self._messages))
+
+    def _quarantine(self, path: Path, why: str) -> None:
+        dest = self.corrupt_dir / f"{path.name}.{time.time_ns()}"
+        try:
+            os.replace(path, dest)
+            fsync_dir(self.corrupt_dir)
+        except OSError as exc:
+            log.error("could not quarantine %s (%s): %s", path, why, exc)
+            return
+        log.error("quarantined %s to %s: %s", path.relative_to(self.root), dest.name, why)
+
+    # -- reading
+
+    def messages(self) -> list[QueuedMessage]:
+        return sorted(self._messages.values(), key=lambda m: (m.arrival, m.id))
+
+    def get(self, qid: str) -> Optional[QueuedMessage]:
+        return self._messages.get(qid)
+
+    def state(self, qid: str) -> MessageState:
+        state = self._states.get(qid)
+        if state is None:
+            state = MessageState.initial(self._messages[qid])
+        return state
+
+    def read_data(self, qid: str) -> bytes:
+        """The message bytes, checked against the envelope's SHA-256 (blocking)."""
+        path = self.msg_dir / qid
+        with open(path, "rb") as f:
+            line = f.readline(_MAX_HEADER_LINE)
+            _msg, digest = _parse_envelope(line)
+            data = f.read()
+        if hashlib.sha256(data).hexdigest() != digest:
+            self._quarantine(path, "checksum mismatch")
+            _unlink_quietly(self.state_dir / f"{qid}.json")
+            self._forget(qid)
+            raise CorruptMessage(f"message {qid} failed its checksum and was quarantined")
+        return data
+
+    async def load(self, qid: str) -> bytes:
+        return await self._run(self.read_data, qid)
+
+    # -- committing messages
+
+    def _write_committed(self, sender: str, recipients: Iterable[str], data: bytes,
+                         smtputf8: bool, kind: str) -> QueuedMessage:
+        if kind not in KINDS:
+            raise ValueError(f"unknown message kind {kind!r}")
+        rcpts = tuple(recipients)
+        if not rcpts:
+            raise ValueError("a message needs at least one recipient")
+        msg = QueuedMessage(id=new_queue_id(), sender=sender, recipients=rcpts,
+                            size=len(data), arrival=time.time(), smtputf8=smtputf8, kind=kind)
+        line = _envelope_line(msg, hashlib.sha256(data).hexdigest())
+        tmp = self.tmp_dir / msg.id
+        _write_file(tmp, (line, data))
+        try:
+            os.replace(tmp, self.msg_dir / msg.id)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        return msg
+
+    def put(self, sender: str, recipients: Iterable[str], data: bytes, *,
+            smtputf8: bool = False, kind: str = "mail") -> QueuedMessage:
+        """Commit one message durably (blocking). When this returns, the message survives a crash.
+
+        Raises OSError (e.g. ENOSPC) with nothing left behind.
+        """
+        msg = self._write_committed(sender, recipients, data, smtputf8, kind)
+        try:
+            fsync_dir(self.msg_dir)
+        except OSError:
+            self._rollback(msg.id)
+            raise
+        self._register(msg)
+        return msg
+
+    async def accept(self, sender: str, recipients: Iterable[str], data: bytes, *,
+                     smtputf8: bool = False, kind: str = "mail") -> QueuedMessage:
+        """`put` for the event loop, with group commit of the folder fsync.
+
+        Returns only after this message is durable. If the caller is cancelled (client gone),
+        the commit still completes and the message is registered for delivery: it was never
+        acknowledged, so delivering it is at worst a duplicate, never a loss.
+        """
+        return await asyncio.shield(self._accept(sender, tuple(recipients), data, smtputf8, kind))
+
+    async def _accept(self, sender: str, recipients: tuple[str, ...], data: bytes,
+                      smtputf8: bool, kind: str) -> QueuedMessage:
+        msg = await self._run(self._write_committed, sender, recipients, data, smtputf8, kind)
+        assert self._msg_sync is not None
+        try:
+            await self._msg_sync.sync()
+        except OSError:
+            await self._run(self._rollback, msg.id)
+            raise
+        self._register(msg)
+        return msg
+
+    def _rollback(self, qid: str) -> None:
+        _unlink_quietly(self.msg_dir / qid)
+
+    def _register(self, msg: QueuedMessage) -> None:
+        self._messages[msg.id] = msg
+
+    def _forget(self, qid: str) -> None:
+        self._messages.pop(qid, None)
+        self._states.pop(qid, None)
+
+    # -- state
+
+    def _write_state_file(self, state: MessageState) -> None:
+        body = json.dumps(state.to_json(), ensure_ascii=True, indent=1).encode("ascii") + b"\n"
+        tmp = self.tmp_dir / f"{state.id}.{secrets.token_hex(4)}.state"
+        _write_file(tmp, (body,))
+        try:
+            os.replace(tmp, self.state_dir / f"{state.id}.json")
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+
+    def write_state(self, state: MessageState) -> None:
+        """Replace a message's state durably (blocking); the in-memory copy follows."""
+        if state.id not in self._messages:
+            raise KeyError(state.id)
+        self._write_state_file(state)
+        fsync_dir(self.state_dir)
+        self._states[state.id] = state
+
+    async def record(self, state: MessageState) -> None:
+        """`write_state` for the event loop; returns once the new state is durable.
+
+        Writes for one message must not overlap (the scheduler serialises them per message).
+        """
+        if state.id not in self._messages:
+            raise KeyError(state.id)
+        await self._run(self._write_state_file, state)
+        assert self._state_sync is not None
+        await self._state_sync.sync()
+        self._states[state.id] = state
+
+    def set_schedule(self, qid: str, next_attempt: float) -> None:
+        """Change when a message is next due, in memory only (the relay's `retry`)."""
+        self._states[qid] = dataclasses.replace(self.state(qid), next_attempt=next_attempt)
+
+    # -- removal
+
+    def remove(self, qid: str) -> None:
+        """Drop a message whose recipients are all final, or that an operator deleted (blocking)."""
+        _unlink_quietly(self.msg_dir / qid)
+        fsync_dir(self.msg_dir)
+        _unlink_quietly(self.state_dir / f"{qid}.json")
+        self._forget(qid)
+
+    async def finish(self, qid: str) -> None:
+        """`remove` for the event loop; the folder fsync is shared with concurrent commits."""
+        await self._run(_unlink_quietly, self.msg_dir / qid)
+        assert self._msg_sync is not None
+        await self._msg_sync.sync()
+        await self._run(_unlink_quietly, self.state_dir / f"{qid}.json")
+        self._forget(qid)
+
+    # -- control requests (from `routedsl queue` while this relay holds the lock)
+
+    def requests(self) -> list[ControlRequest]:
+        """Pending control requests, oldest first (blocking; cheap when there are none)."""
+        out = []
+        for p in sorted(self.control_dir.glob("*.req")):
+            name = p.name.removesuffix(".req")
+            try:
+                obj = json.loads(p.read_bytes())
+                op, qid = obj["op"], obj.get("id")
+                if op not in ("retry", "delete") or (qid is not None and not is_queue_id(qid)) \
+                        or (op == "delete" and qid is None):
+                    raise ValueError(f"bad request {obj!r}")
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                if p.exists():
+                    self.answer(ControlRequest(name, "invalid", None), False,
+                                f"unreadable request: {exc}")
+                continue
+            out.append(ControlRequest(name, op, qid))
+        return out
+
+    def answer(self, req: ControlRequest, ok: bool, message: str) -> None:
+        body = json.dumps({"ok": ok, "message": message}).encode() + b"\n"
+        tmp = self.tmp_dir / f"{req.name}.res"
+        _unlink_quietly(tmp)
+        _write_file(tmp, (body,))
+        os.replace(tmp, self.control_dir / f"{req.name}.res")
+        _unlink_quietly(self.control_dir / f"{req.name}.req")
+
+    async def take_requests(self) -> list[ControlRequest]:
+        return await self._run(self.requests)
+
+    async def answer_async(self, req: ControlRequest, ok: bool, message: str) -> None:
+        await self._run(self.answer, req, ok, message)
+
+    # -- plumbing
+
+    async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
+        if self._executor is None:
+            raise SpoolError(f"spool {self.root} is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+# ---------------------------------------------------------------- for tools (no lock needed)
+
+def lock_holder(root: Path | str) -> Optional[int]:
+    """The pid of the relay holding the spool, or None when nobody holds it."""
+    path = Path(root) / "lock"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A message as a reader sees it on disk: envelope and state (or why the state is unreadable)."""
+    message: QueuedMessage
+    state: MessageState
+    state_error: Optional[str] = None
+
+
+def scan(root: Path | str) -> list[Entry]:
+    """Read the spool without locking it (files are replaced atomically; vanishing ones skipped)."""
+    msg_dir, state_dir = Path(root) / "msg", Path(root) / "state"
+    out = []
+    try:
+        names = sorted(p.name for p in msg_dir.iterdir() if is_queue_id(p.name))
+    except FileNotFoundError:
+        return []
+    for name in names:
+        entry = read_entry(root, name)
+        if entry is not None:
+            out.append(entry)
+    out.sort(key=lambda e: (e.message.arrival, e.message.id))
+    return out
+
+
+def read_entry(root: Path | str, qid: str) -> Optional[Entry]:
+    if not is_queue_id(qid):
+        return None
+    try:
+        msg, _digest, _off = read_envelope(Path(root) / "msg" / qid)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # torn: the relay quarantines it at start-up
+    try:
+        state = read_state_file(Path(root) / "state" / f"{qid}.json")
+        return Entry(msg, state)
+    except FileNotFoundError:
+        return Entry(msg, MessageState.initial(msg))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return Entry(msg, MessageState.initial(msg), state_error=str(exc))
+
+
+def read_headers(root: Path | str, qid: str, limit: int = 64 * 1024) -> bytes:
+    """The header section of a committed message (up to `limit` bytes)."""
+    with open(Path(root) / "msg" / qid, "rb") as f:
+        f.readline(_MAX_HEADER_LINE)
+        head = f.read(limit)
+    return header_section(head)
+
+
+def header_section(data: bytes) -> bytes:
+    """The bytes before the first empty line (CRLF or LF), including the last header's line end."""
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        i = data.find(sep)
+        if i >= 0:
+            return data[: i + len(sep) // 2]
+    return data
+
+
+def submit_request(root: Path | str, op: str, qid: Optional[str], *,
+                   timeout: float = 10.0) -> Optional[tuple[bool, str]]:
+    """Drop a control request for the running relay and wait for its answer.
+
+    Returns (ok, message), or None when no answer came within `timeout` (the request stays
+    in control/ and is acted on when the relay next polls).
+    """
+    root = Path(root)
+    name = f"{time.time_ns():x}-{secrets.token_hex(4)}"
+    body = json.dumps({"op": op, "id": qid}).encode() + b"\n"
+    tmp = root / "tmp" / f"{name}.req"
+    _write_file(tmp, (body,))
+    os.replace(tmp, root / "control" / f"{name}.req")
+    res = root / "control" / f"{name}.res"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            obj = json.loads(res.read_bytes())
+        except FileNotFoundError:
+            time.sleep(0.05)
+            continue
+        except ValueError:
+            time.sleep(0.05)
+            continue
+        _unlink_quietly(res)
+        return bool(obj.get("ok")), str(obj.get("message", ""))
+    return None
+
+
+__all__ = [
+    "ControlRequest", "CorruptMessage", "Entry", "MessageState", "QueuedMessage",
+    "RecipientState", "Spool", "SpoolBusy", "SpoolError", "fsync_dir", "header_section",
+    "is_queue_id", "lock_holder", "new_queue_id", "read_entry", "read_envelope",
+    "read_headers", "scan", "submit_request",
+]

@@ -1,0 +1,194 @@
+"""The spool: durable layout, recovery after a crash, state transitions, control requests."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from server.queue import (CorruptMessage, MessageState, Spool, SpoolBusy, is_queue_id,
+                          lock_holder, read_entry, scan)
+
+DATA = b"From: a@x.test\r\nTo: b@y.test\r\nSubject: hi\r\n\r\nbody\r\n"
+
+
+@pytest.fixture
+def spool(tmp_path: Path):
+    s = Spool(tmp_path / "spool")
+    s.open()
+    yield s
+    s.close()
+
+
+def test_put_commits_a_file_in_msg_and_nothing_in_tmp(spool: Spool) -> None:
+    msg = spool.put("a@x.test", ["b@y.test", "c@y.test"], DATA)
+    assert is_queue_id(msg.id)
+    assert list(spool.tmp_dir.iterdir()) == []
+    path = spool.msg_dir / msg.id
+    envelope, _, body = path.read_bytes().partition(b"\n")
+    head = json.loads(envelope)
+    assert head["version"] == 1
+    assert head["sender"] == "a@x.test" and head["recipients"] == ["b@y.test", "c@y.test"]
+    assert head["size"] == len(DATA) and body == DATA
+    assert spool.read_data(msg.id) == DATA
+    # no state file until something happens: every recipient is pending
+    assert not (spool.state_dir / f"{msg.id}.json").exists()
+    assert spool.state(msg.id).pending == ("b@y.test", "c@y.test")
+
+
+def test_put_refuses_an_unknown_kind_and_no_recipients(spool: Spool) -> None:
+    with pytest.raises(ValueError):
+        spool.put("a@x.test", ["b@y.test"], DATA, kind="spam")
+    with pytest.raises(ValueError):
+        spool.put("a@x.test", [], DATA)
+    assert list(spool.msg_dir.iterdir()) == [] and list(spool.tmp_dir.iterdir()) == []
+
+
+def test_one_relay_per_spool(spool: Spool) -> None:
+    other = Spool(spool.root)
+    with pytest.raises(SpoolBusy) as err:
+        other.open()
+    assert str(os.getpid()) in str(err.value)
+    assert lock_holder(spool.root) == os.getpid()
+    spool.close()
+    assert lock_holder(spool.root) is None
+    other.open()
+    other.close()
+
+
+async def test_accept_group_commit_many_at_once(spool: Spool) -> None:
+    msgs = await asyncio.gather(*(spool.accept("a@x.test", [f"r{i}@y.test"], DATA + bytes([65 + i % 26]))
+                                  for i in range(50)))
+    assert len({m.id for m in msgs}) == 50
+    assert {p.name for p in spool.msg_dir.iterdir()} == {m.id for m in msgs}
+    assert {m.id for m in spool.messages()} == {m.id for m in msgs}
+    for i, m in enumerate(msgs):
+        assert spool.read_data(m.id) == DATA + bytes([65 + i % 26])
+
+
+async def test_accept_survives_the_caller_being_cancelled(spool: Spool) -> None:
+    task = asyncio.create_task(spool.accept("a@x.test", ["b@y.test"], DATA))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # the commit still completes and the message is registered: nothing half-done
+    deadline = asyncio.get_running_loop().time() + 5
+    while not spool.messages():
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.01)
+    assert spool.read_data(spool.messages()[0].id) == DATA
+
+
+async def test_state_transitions_are_durable_and_final_removes(spool: Spool) -> None:
+    msg = await spool.accept("a@x.test", ["b@y.test", "c@y.test"], DATA)
+    st = spool.state(msg.id)
+    st = st.update([st.recipient("b@y.test").with_reply("isp", "451 4.3.0 later", "4.3.0", "isp.test")],
+                   attempts=1, next_attempt=msg.arrival + 300)
+    await spool.record(st)
+    on_disk = json.loads((spool.state_dir / f"{msg.id}.json").read_text())
+    assert on_disk["version"] == 1 and on_disk["attempts"] == 1
+    assert on_disk["recipients"][0]["replies"] == {"isp": "451 4.3.0 later"}
+    # pending -> delivered, pending -> failed
+    import dataclasses
+    st = st.update([dataclasses.replace(st.recipient("b@y.test"), status="delivered"),
+                    dataclasses.replace(st.recipient("c@y.test"), status="failed")])
+    await spool.record(st)
+    assert st.done
+    assert read_entry(spool.root, msg.id).state.recipient("c@y.test").status == "failed"
+    await spool.finish(msg.id)
+    assert not (spool.msg_dir / msg.id).exists()
+    assert not (spool.state_dir / f"{msg.id}.json").exists()
+    assert spool.get(msg.id) is None
+
+
+def test_recovery_drops_temp_quarantines_torn_and_keeps_the_rest(tmp_path: Path, caplog) -> None:
+    root = tmp_path / "spool"
+    s = Spool(root)
+    s.open()
+    good = s.put("a@x.test", ["b@y.test"], DATA)
+    torn = s.put("a@x.test", ["b@y.test"], DATA)
+    bad_state = s.put("a@x.test", ["b@y.test", "c@y.test"], DATA)
+    no_state = s.put("a@x.test", ["d@y.test"], DATA)
+    s.write_state(s.state(good.id).update([], attempts=3, next_attempt=123.0))
+    s.write_state(s.state(bad_state.id).update([], attempts=1))
+    done = s.put("a@x.test", ["e@y.test"], DATA)
+    import dataclasses
+    st = s.state(done.id)
+    s.write_state(st.update([dataclasses.replace(st.recipient("e@y.test"), status="delivered")]))
+    s.close()
+    # what a crash can leave: a temp file, a torn message, a torn state, an orphan state
+    (root / "tmp" / "0000000000000000ABCD").write_bytes(b"half a mess")
+    path = root / "msg" / torn.id
+    path.write_bytes(path.read_bytes()[:-5])
+    (root / "state" / f"{bad_state.id}.json").write_text('{"version": 1, "id": ')
+    (root / "state" / "00000000000000000000.json").write_text("{}")
+
+    s2 = Spool(root)
+    caplog.set_level("INFO", logger="routedsl.queue")
+    waiting = {m.id for m in s2.open()}
+    try:
+        assert waiting == {good.id, bad_state.id, no_state.id}
+        assert list((root / "tmp").iterdir()) == []
+        corrupt = sorted(p.name.split(".")[0] for p in (root / "corrupt").iterdir())
+        assert corrupt == sorted([torn.id, f"{bad_state.id}"])
+        assert s2.state(good.id).attempts == 3 and s2.state(good.id).next_attempt == 123.0
+        # a message without (readable) state comes back with every recipient pending
+        assert s2.state(bad_state.id).pending == ("b@y.test", "c@y.test")
+        assert s2.state(no_state.id).pending == ("d@y.test",)
+        # a message whose recipients were all final was removed, not redelivered
+        assert not (root / "msg" / done.id).exists()
+        assert not (root / "state" / "00000000000000000000.json").exists()
+        text = caplog.text
+        assert "dropped unfinished temp file" in text and "quarantined" in text
+    finally:
+        s2.close()
+
+
+def test_checksum_mismatch_is_quarantined_not_delivered(spool: Spool) -> None:
+    msg = spool.put("a@x.test", ["b@y.test"], DATA)
+    path = spool.msg_dir / msg.id
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x20
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CorruptMessage):
+        spool.read_data(msg.id)
+    assert spool.get(msg.id) is None
+    assert [p.name.split(".")[0] for p in spool.corrupt_dir.iterdir()] == [msg.id]
+
+
+def test_scan_reads_without_the_lock(spool: Spool) -> None:
+    a = spool.put("a@x.test", ["b@y.test"], DATA)
+    b = spool.put("", ["c@y.test"], DATA, kind="bounce")
+    entries = scan(spool.root)
+    assert [e.message.id for e in entries] == [a.id, b.id]
+    assert entries[1].message.kind == "bounce" and entries[1].message.sender == ""
+    assert isinstance(entries[0].state, MessageState)
+
+
+def test_control_requests_round_trip(spool: Spool) -> None:
+    from server.queue import submit_request
+    import threading
+    answers = []
+
+    def relay_side() -> None:
+        import time
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            reqs = spool.requests()
+            if reqs:
+                for r in reqs:
+                    answers.append(r)
+                    spool.answer(r, True, f"did {r.op}")
+                return
+            time.sleep(0.02)
+
+    t = threading.Thread(target=relay_side)
+    t.start()
+    result = submit_request(spool.root, "retry", None, timeout=5)
+    t.join()
+    assert result == (True, "did retry")
+    assert answers[0].op == "retry" and answers[0].id is None
+    assert list(spool.control_dir.iterdir()) == []
