@@ -1,0 +1,357 @@
+"""Hot reload: follow the rules file, and never let a broken file go live.
+
+This module owns watching the rules file and deciding when a new Snapshot replaces the
+active one. It watches the *folders* that hold the file (and, for a symlink, every link
+on the way to its target, re-resolved after each change) with watchfiles, because
+editors save by replacing the file, deploy tools switch symlinks, and people delete and
+recreate. SIGHUP asks for the same reload through `request()`.
+
+A reload reads the file once (the same bytes are compiled and hashed), waits until it
+has been quiet for a short settle time, and retries when (st_ino, st_size, st_mtime_ns)
+changed during the read: a half-written file is never compiled as if it were complete.
+The text is compiled and its secrets resolved in a worker thread; engines are built on
+the loop; unchanged engines are reused. Only then is the new Snapshot handed to
+`on_swap` (one reference assignment in the event loop). Replaced engines are closed in
+the background, after their deliveries in flight finish.
+
+It never touches the spool except `<spool>/active-rules.json` (through server.status),
+never routes mail and never stops the relay: a refused file is logged with the same
+`file:line:col` diagnostics as `routedsl check`, and the active version stays.
+
+Log lines (logger "routedsl.reload"):
+  rules version V active: E engines, R rules (reason, N ms)           one per accepted reload
+  <diagnostics>\\nreload refused; version V stays active              one per refused content
+  rules file P is missing; version V stays active                    deleted, not yet back
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Coroutine, Optional
+
+from server.snapshot import ReloadRefused, Snapshot, assemble, prepare, retired_engines
+
+if TYPE_CHECKING:
+    from server.engines.base import EngineContext
+
+log = logging.getLogger("routedsl.reload")
+
+Fingerprint = tuple[int, int, int, int]   # (st_dev, st_ino, st_size, st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    """What one reload did. `version` is the version active afterwards."""
+    accepted: bool          # the file was valid (whether or not it differed)
+    swapped: bool           # a new Snapshot went live
+    version: str
+    reason: str
+    detail: str = ""        # the rendered diagnostics or the problem, when refused
+    seconds: float = 0.0
+
+
+class FileUnstable(Exception):
+    """The file kept changing while it was read; a later event will bring it back."""
+
+
+def read_stable(path: str | os.PathLike[str], settle: float = 0.1,
+                deadline: float = 3.0) -> tuple[bytes, Fingerprint]:
+    """Read the whole file once it has been quiet for `settle` seconds (blocking).
+
+    "Quiet" means its mtime is at least `settle` old, and the path names the same inode
+    with the same size and mtime before and after the read. Raises FileNotFoundError,
+    OSError, or FileUnstable when it is still changing after `deadline` seconds.
+    """
+    give_up = time.monotonic() + deadline
+    while True:
+        before = _fingerprint(os.stat(path))
+        age = time.time() - before[3] / 1e9
+        if 0 <= age < settle:
+            # Written moments ago: an editor or `cp` may still be writing the rest.
+            _pause(settle - age, give_up)
+            continue
+        with open(path, "rb") as handle:
+            data = handle.read()
+            during = _fingerprint(os.fstat(handle.fileno()))
+        after = _fingerprint(os.stat(path))
+        if before == during == after and len(data) == before[2]:
+            return data, after
+        _pause(min(settle, 0.05), give_up)
+
+
+def _pause(seconds: float, give_up: float) -> None:
+    if time.monotonic() + seconds > give_up:
+        raise FileUnstable("the rules file kept changing while it was read")
+    time.sleep(max(seconds, 0.001))
+
+
+def _fingerprint(st: os.stat_result) -> Fingerprint:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _stat_or_none(path: Path) -> Optional[Fingerprint]:
+    try:
+        return _fingerprint(os.stat(path))
+    except OSError:
+        return None
+
+
+def _norm(path: str) -> str:
+    """Resolve a path's folders but not its last component (that may be a symlink)."""
+    head, tail = os.path.split(os.path.abspath(path))
+    return os.path.join(os.path.realpath(head), tail)
+
+
+def resolution_chain(path: Path) -> tuple[frozenset[str], frozenset[str]]:
+    """The paths whose change can change what `path` reads, and the folders holding them.
+
+    For a plain file that is the file itself. For a symlink it is every link on the way
+    (including symlinked folders such as `..data` in config-map style deployments) and
+    the final target.
+    """
+    names: set[str] = set()
+    pending = [os.path.abspath(path)]
+    seen = 0
+    while pending and seen < 40:
+        seen += 1
+        current = pending.pop()
+        normal = _norm(current)
+        names.add(normal)
+        # Symlinked folders on the way (relative to the last real folder we know).
+        head = os.path.dirname(current)
+        while head and head != os.path.dirname(head):
+            if os.path.islink(head):
+                names.add(_norm(head))
+            head = os.path.dirname(head)
+        if os.path.islink(current):
+            try:
+                target = os.readlink(current)
+            except OSError:
+                break
+            pending.append(os.path.join(os.path.dirname(current), target))
+    real = os.path.realpath(path)
+    names.add(_norm(real))
+    folders = {os.path.dirname(name) for name in names}
+    folders = {folder for folder in folders if os.path.isdir(folder)}
+    return frozenset(names), frozenset(folders)
+
+
+class Reloader:
+    """Watch the rules file and swap in each valid new version.
+
+    `on_swap(snapshot)` is called on the event loop with every new Snapshot; it must only
+    assign the reference the scheduler reads. `initial` is the Snapshot the relay
+    started with (built from the same file). With `spool`, the active version is written
+    to `<spool>/active-rules.json` at start and after every reload.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], ctx: "EngineContext",
+                 on_swap: Callable[[Snapshot], None], initial: Snapshot, *,
+                 spool: str | os.PathLike[str] | None = None,
+                 settle: float = 0.1, step_ms: int = 50, debounce_ms: int = 400,
+                 poll_interval_ms: int = 250) -> None:
+        self.path = Path(path)
+        self.ctx = ctx
+        self.on_swap = on_swap
+        self.current = initial
+        self.spool = Path(spool) if spool is not None else None
+        self.settle = settle
+        self.step_ms = step_ms
+        self.debounce_ms = debounce_ms
+        self.poll_interval_ms = poll_interval_ms
+        self.ready = asyncio.Event()           # set once the folder watch is running
+        self._stopped = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._seen: Optional[Fingerprint] = None   # first poll reads the file once
+        self._seen_digest: Optional[str] = None   # digest of the last content we judged
+        self._missing_logged = False
+        self._refused: Optional[dict[str, object]] = None
+
+    # --- control ---------------------------------------------------------------------
+
+    def request(self, reason: str) -> None:
+        """Ask for a reload from sync code (a signal handler); runs in the background."""
+        self._spawn(self.reload_now(reason, force=True))
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    async def run(self) -> None:
+        """Watch until `stop()`; then wait for replaced engines to finish closing."""
+        if self.spool is not None:
+            await self._write_status()
+        try:
+            while not self._stopped.is_set():
+                await self._watch_once()
+        finally:
+            self.ready.clear()
+            await self.drain()
+
+    async def drain(self) -> None:
+        """Wait for background reloads and engine retirements."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # --- watching --------------------------------------------------------------------
+
+    async def _watch_once(self) -> None:
+        """One watch over the current folder set; returns when the set must change."""
+        from watchfiles import awatch
+
+        names, folders = resolution_chain(self.path)
+        if not folders:
+            # The folder itself is gone: wait for it to come back.
+            await self._wait_stop(self.poll_interval_ms / 1000)
+            await self._reconcile()
+            return
+
+        def relevant(_change: object, changed: str) -> bool:
+            return _norm(changed) in names
+
+        watch = awatch(*sorted(folders), watch_filter=relevant, recursive=False,
+                       debounce=self.debounce_ms, step=self.step_ms,
+                       stop_event=self._stopped, rust_timeout=self.poll_interval_ms,
+                       yield_on_timeout=True)
+        async with contextlib.aclosing(watch) as changes_seen:
+            async for changes in changes_seen:
+                if not self.ready.is_set():
+                    # The first yield comes after the watcher is set up: anything saved
+                    # before then is caught by comparing the file with what we hold.
+                    self.ready.set()
+                if changes:
+                    await self.reload_now("file changed")
+                else:
+                    await self._reconcile()   # also covers events the kernel never sent
+                if resolution_chain(self.path) != (names, folders):
+                    return   # a symlink now points elsewhere: watch the new folders
+
+    async def _wait_stop(self, seconds: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stopped.wait(), seconds)
+
+    async def _reconcile(self) -> None:
+        if _stat_or_none(self.path) != self._seen:
+            await self.reload_now("file changed")
+
+    # --- one reload ------------------------------------------------------------------
+
+    async def reload_now(self, reason: str, *, force: bool = False) -> ReloadResult:
+        """Read, check and build the rules file; swap it in when it is valid.
+
+        With `force` (SIGHUP) the file is rebuilt even when its content is unchanged, so
+        secrets are read again. Never raises for a bad file.
+        """
+        async with self._lock:
+            started = time.monotonic()
+            try:
+                return await self._reload(reason, force, started)
+            except Exception:   # a bug must not stop the watch: keep the active rules
+                log.exception("reload failed; version %s stays active", self.current.version)
+                return ReloadResult(False, False, self.current.version, reason,
+                                    "internal error", time.monotonic() - started)
+
+    async def _reload(self, reason: str, force: bool, started: float) -> ReloadResult:
+        active = self.current.version
+        try:
+            data, fingerprint = await asyncio.to_thread(read_stable, self.path, self.settle)
+        except FileNotFoundError:
+            self._seen = None
+            if not self._missing_logged:
+                self._missing_logged = True
+                log.warning("rules file %s is missing; version %s stays active",
+                            self.path, active)
+            return self._result(False, reason, "rules file is missing", started)
+        except FileUnstable as exc:
+            log.info("%s; will read it again on the next change", exc)
+            self._seen = None   # make the next poll look again
+            return self._result(False, reason, str(exc), started)
+        except OSError as exc:
+            self._seen = None
+            return await self._refuse(reason, f"{self.path}: cannot read: {exc.strerror}",
+                                      None, started)
+        self._missing_logged = False
+        self._seen = fingerprint
+        digest = hashlib.sha256(data).hexdigest()
+        if digest == self._seen_digest and not force:
+            return self._result(self._refused is None, reason, "unchanged", started)
+        self._seen_digest = digest
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return await self._refuse(
+                reason, f"{self.path}: not UTF-8 text (byte {exc.start}): reload refused",
+                digest, started)
+        filename = str(self.path)
+        try:
+            prepared = await asyncio.to_thread(prepare, text, filename)
+        except ReloadRefused as exc:
+            return await self._refuse(reason, exc.text, digest, started)
+        if prepared.table.version == active and not force:
+            # Back to the active content (e.g. after a refused save): nothing to swap.
+            if self._refused is not None:
+                self._refused = None
+                if self.spool is not None:
+                    await self._write_status()
+            return self._result(True, reason, "unchanged", started)
+        new = assemble(prepared, self.ctx, self.current)
+        old = self.current
+        try:
+            self.on_swap(new)
+        except Exception:
+            log.exception("swap failed; version %s stays active", active)
+            self._spawn(_close_all(retired_engines(new, old)))
+            return self._result(False, reason, "swap failed", started)
+        self.current = new
+        self._refused = None
+        self._spawn(_close_all(retired_engines(old, new)))
+        took = time.monotonic() - started
+        log.info("rules version %s active: %d engines, %d rules (%s, %.0f ms)",
+                 new.version, len(new.engines), new.table.rule_count, reason, took * 1000)
+        if self.spool is not None:
+            await self._write_status()
+        return ReloadResult(True, True, new.version, reason, "", took)
+
+    async def _refuse(self, reason: str, detail: str, digest: Optional[str],
+                      started: float) -> ReloadResult:
+        log.error("%s\nreload refused; version %s stays active",
+                  detail.rstrip("\n"), self.current.version)
+        first = detail.strip().splitlines()[0] if detail.strip() else "refused"
+        self._refused = {"at": time.time(), "reason": first}
+        if self.spool is not None:
+            await self._write_status()
+        return self._result(False, reason, detail, started)
+
+    def _result(self, accepted: bool, reason: str, detail: str, started: float) -> ReloadResult:
+        return ReloadResult(accepted, False, self.current.version, reason, detail,
+                            time.monotonic() - started)
+
+    async def _write_status(self) -> None:
+        from server.status import write_active
+
+        try:
+            await asyncio.to_thread(write_active, self.spool, self.current, self.path,
+                                    self._refused)
+        except OSError as exc:
+            log.warning("cannot record the active rules version in %s: %s",
+                        self.spool, exc.strerror)
+
+    def _spawn(self, coro: Coroutine[object, object, object]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+async def _close_all(engines: list) -> None:
+    """Retire engines: each finishes its deliveries in flight, then closes its connections."""
+    for engine in engines:
+        try:
+            await engine.aclose()
+        except Exception:
+            log.exception("closing engine %s failed", getattr(engine, "name", "?"))
