@@ -1,0 +1,671 @@
+"""The hardened SMTP protocol (an aiosmtpd SMTP subclass) and the listener factory.
+
+This module owns the SMTP conversation up to the hand-over to the handler
+(server/intake.py): what a client may say and when, and every bound on it.
+aiosmtpd 1.4.6 gets smuggling and STARTTLS injection right; the gaps it leaves
+(docs: reliability.md section 2.1, A1-A15) are closed here:
+
+  * EHLO/HELO names, MAIL/RCPT paths and parameters are validated (server/hygiene.py);
+    brackets are required; non-ASCII only with SMTPUTF8; `RCPT TO:<>` refused.
+  * Relay access at RCPT (`554 5.7.1` unless the client is in the relay networks or
+    authenticated), so nothing for a foreign client is ever queued.
+  * AUTH PLAIN/LOGIN only over TLS (after STARTTLS or on an implicit-TLS listener),
+    never during a transaction; a failed login answers `535 5.7.8` after a delay, is
+    limited per connection (then `421`) and per client IP (then `454`), and the
+    password check runs in a worker thread.
+  * STARTTLS twice `554 5.5.1`, before EHLO `503 5.5.1`.
+  * Bounds (server/limits.py): connections in all and per IP, recipients, commands,
+    junk commands, line length, idle time, a whole-session deadline, a minimum data
+    rate during DATA, a disk reserve at MAIL.
+  * The DATA policy of server/hygiene.py is applied before the handler sees the
+    message: the handler gets content with CRLF line ends only, no NUL, and a hop
+    count within the limit.
+  * Internal errors answer `451 4.3.0`; the traceback goes to the log, never to the client.
+
+It never writes the spool and never decides routes; the handler does the first, the
+scheduler the second.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import functools
+import logging
+import shutil
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, TLSSetupException, syntax
+
+from server import hygiene
+from server.access import RelayAccess
+from server.limits import Limits
+
+log = logging.getLogger("routedsl.smtp")
+
+JUNK_COMMANDS = frozenset({"NOOP", "RSET", "VRFY", "HELP", "EXPN"})
+INTERNAL_ERROR = "451 4.3.0 Internal error, try again later"
+_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+class ListenerError(Exception):
+    """The listeners cannot be set up as configured; the message says why."""
+
+
+class _RedactAuth(logging.Filter):
+    """aiosmtpd logs every command line at INFO: never let AUTH arguments reach a log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(
+                isinstance(a, (bytes, str)) and a[:5].upper() in (b"AUTH ", "AUTH ") for a in record.args):
+            record.args = tuple(
+                (b"AUTH <redacted>" if isinstance(a, bytes) else "AUTH <redacted>")
+                if isinstance(a, (bytes, str)) and a[:5].upper() in (b"AUTH ", "AUTH ") else a
+                for a in record.args)
+        return True
+
+
+logging.getLogger("mail.log").addFilter(_RedactAuth())
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticated:
+    """What a successful login leaves on the session (`session.auth_data`); no secret."""
+    login: str
+
+
+class ConnectionGate:
+    """Counts open connections in all and per client IP (aiosmtpd has no cap, issue #282)."""
+
+    def __init__(self, max_total: int, max_per_ip: int) -> None:
+        self.max_total = max_total
+        self.max_per_ip = max_per_ip
+        self.total = 0
+        self.per_ip: collections.Counter[str] = collections.Counter()
+
+    def acquire(self, ip: str) -> Optional[str]:
+        """None when the connection may go on, else the reply that refuses it."""
+        if self.total >= self.max_total:
+            return "421 4.3.2 Service busy, too many connections; try again later"
+        if self.per_ip[ip] >= self.max_per_ip:
+            return "421 4.7.0 Too many connections from your address; try again later"
+        self.total += 1
+        self.per_ip[ip] += 1
+        return None
+
+    def release(self, ip: str) -> None:
+        self.total -= 1
+        self.per_ip[ip] -= 1
+        if self.per_ip[ip] <= 0:
+            del self.per_ip[ip]
+
+
+class AuthLimiter:
+    """Failed logins per client IP in a sliding window (Postfix anvil's auth rate)."""
+
+    def __init__(self, max_failures: int, window: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_failures = max_failures
+        self.window = window
+        self.clock = clock
+        self._failures: dict[str, collections.deque[float]] = {}
+
+    def _recent(self, ip: str) -> collections.deque[float]:
+        times = self._failures.get(ip)
+        if times is None:
+            return collections.deque()
+        horizon = self.clock() - self.window
+        while times and times[0] < horizon:
+            times.popleft()
+        if not times:
+            del self._failures[ip]
+        return times
+
+    def blocked(self, ip: str) -> bool:
+        return len(self._recent(ip)) >= self.max_failures
+
+    def failed(self, ip: str) -> None:
+        self._recent(ip)
+        self._failures.setdefault(ip, collections.deque()).append(self.clock())
+
+
+class RelaySMTP(SMTP):
+    """One SMTP session of the relay: aiosmtpd's protocol with the relay's rules and bounds."""
+
+    def __init__(self, handler: Any, *, limits: Limits, access: RelayAccess, hostname: str,
+                 max_size: int, gate: ConnectionGate, auth_limiter: AuthLimiter,
+                 users: Any = None, tls_context: Optional[ssl.SSLContext] = None,
+                 implicit_tls: bool = False, free_space: Optional[Callable[[], Optional[int]]] = None,
+                 loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
+        # aiosmtpd sizes its StreamReader from this attribute: the line limit plus the
+        # transparency dot (RFC 5321 4.5.3.1.6).
+        self.line_length_limit = limits.max_line_length + 1
+        super().__init__(
+            handler, data_size_limit=max_size, enable_SMTPUTF8=True, hostname=hostname,
+            ident="routedsl", tls_context=None if implicit_tls else tls_context,
+            timeout=limits.idle_timeout, auth_require_tls=not implicit_tls, loop=loop)
+        # aiosmtpd keeps these in a class-wide dict that grows on every EHLO; keep ours fixed.
+        self.command_size_limits = collections.defaultdict(lambda: 512, {"MAIL": 512 + 50, "RCPT": 512})
+        self.limits = limits
+        self.access = access
+        self.users = users
+        self.implicit_tls = implicit_tls
+        self.gate = gate
+        self.auth_limiter = auth_limiter
+        self.free_space = free_space
+        self._started = False
+        self._gate_ip: Optional[str] = None
+        self._refusal: Optional[str] = None
+        self._deadline_handle: Optional[asyncio.TimerHandle] = None
+        self._commands = 0
+        self._junk = 0
+        self._auth_failures = 0
+        for name, method in list(self._smtp_methods.items()):
+            self._smtp_methods[name] = self._counted(name, method)
+
+    # -- connection life --------------------------------------------------------------
+    @property
+    def tls_active(self) -> bool:
+        return self.implicit_tls or self._tls_protocol is not None
+
+    @property
+    def peer_ip(self) -> str:
+        peer = self.session.peer if self.session is not None else None
+        return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = not self._started
+        self._started = True
+        if first:
+            peer = transport.get_extra_info("peername")
+            ip = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+            self._refusal = self.gate.acquire(ip)
+            if self._refusal is None:
+                self._gate_ip = ip
+            self._deadline_handle = self.loop.call_later(self.limits.session_timeout, self._session_expired)
+        super().connection_made(transport)
+        if first and self.implicit_tls and self.session is not None:
+            ssl_object = transport.get_extra_info("ssl_object")
+            self.session.ssl = {"ssl_object": ssl_object, "cipher": transport.get_extra_info("cipher")}
+
+    def connection_lost(self, error: Optional[Exception]) -> None:
+        if self._gate_ip is not None:
+            self.gate.release(self._gate_ip)
+            self._gate_ip = None
+        if self._deadline_handle is not None:
+            self._deadline_handle.cancel()
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        if self._refusal is not None:
+            log.warning("refused a connection from %s: %s", self.peer_ip, self._refusal)
+            await self.push(self._refusal)
+            self.transport.close()
+            return
+        await super()._handle_client()
+
+    def _say_and_close(self, reply: str) -> None:
+        if self.transport is None:
+            return
+        try:
+            self._writer.write(reply.encode("ascii") + b"\r\n")
+        except Exception:   # the transport may already be failing; closing is what matters
+            pass
+        self.transport.close()
+
+    def _timeout_cb(self) -> None:
+        log.info("%s: idle or data-rate timeout", self.peer_ip)
+        self._say_and_close(f"421 4.4.2 {self.hostname} Error: timeout exceeded")
+
+    def _session_expired(self) -> None:
+        log.info("%s: session time limit reached", self.peer_ip)
+        self._say_and_close(f"421 4.4.2 {self.hostname} Error: session time limit exceeded")
+
+    async def _close_with(self, reply: str) -> None:
+        await self.push(reply)
+        if self.transport is not None:
+            self.transport.close()
+
+    def _counted(self, name: str, method: Callable) -> Callable:
+        @functools.wraps(method)
+        async def run(arg: Optional[str]) -> None:
+            self._commands += 1
+            if self._commands > self.limits.max_commands:
+                log.warning("%s: more than %d commands", self.peer_ip, self.limits.max_commands)
+                await self._close_with("421 4.7.0 Error: too many commands in one session")
+                return
+            if name in JUNK_COMMANDS:
+                self._junk += 1
+                if self._junk > self.limits.max_junk_commands:
+                    log.warning("%s: more than %d junk commands", self.peer_ip, self.limits.max_junk_commands)
+                    await self._close_with("421 4.7.0 Error: too many junk commands")
+                    return
+            await method(arg)
+        return run
+
+    async def handle_exception(self, error: Exception) -> str:
+        try:
+            if isinstance(error, TLSSetupException):
+                log.info("%s: TLS handshake failed: %r", self.peer_ip, error.__cause__)
+            else:
+                log.error("%s: internal error in the SMTP session; answered 451", self.peer_ip, exc_info=error)
+                self._set_rset_state()
+        except Exception:   # never let the error path itself produce aiosmtpd's "500 (text)"
+            pass
+        return INTERNAL_ERROR
+
+    async def check_helo_needed(self, helo: str = "HELO") -> bool:
+        if not self.session.host_name:
+            await self.push(f"503 5.5.1 Error: send {helo} first")
+            return True
+        return False
+
+    # -- greeting commands -------------------------------------------------------------
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        refusal = hygiene.check_helo(hostname)
+        if refusal is not None:
+            await self.push(refusal.reply.replace("EHLO", "HELO"))
+            return
+        await super().smtp_HELO(hostname)
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        refusal = hygiene.check_helo(hostname)
+        if refusal is not None:
+            await self.push(refusal.reply)
+            return
+        self._set_rset_state()
+        self.session.extended_smtp = True
+        self.session.host_name = hostname
+        response = [f"250-{self.hostname}", f"250-SIZE {self.data_size_limit}", "250-8BITMIME",
+                    "250-SMTPUTF8", "250-PIPELINING"]
+        if self.tls_context is not None and not self.tls_active:
+            response.append("250-STARTTLS")
+        if self.users is not None and self.tls_active:
+            response.append("250-AUTH LOGIN PLAIN")
+        response.append("250 HELP")
+        if self._ehlo_hook_ver == "new":
+            response = await self._call_handler_hook("EHLO", hostname, response)
+        for line in response:
+            await self.push(line)
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if arg:
+            await self.push("501 5.5.4 Syntax: STARTTLS")
+        elif self.tls_active:
+            await self.push("554 5.5.1 Error: TLS already active")
+        elif self.tls_context is None:
+            await self.push("502 5.5.1 Error: STARTTLS not available")
+        elif not self.session.host_name:
+            await self.push("503 5.5.1 Error: send EHLO first")
+        else:
+            await super().smtp_STARTTLS(arg)
+
+    # -- AUTH ------------------------------------------------------------------------
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        if await self.check_helo_needed("EHLO"):
+            return
+        words = (arg or "").split()
+        if not self.session.extended_smtp:
+            await self.push("503 5.5.1 Error: send EHLO first")
+        elif self.users is None:
+            await self.push("503 5.5.1 Error: authentication not enabled")
+        elif not self.tls_active:
+            await self.push("538 5.7.11 Encryption required for requested authentication mechanism")
+        elif self.session.authenticated:
+            await self.push("503 5.5.1 Error: already authenticated")
+        elif self.envelope.mail_from:
+            await self.push("503 5.5.1 Error: MAIL transaction in progress")
+        elif self.auth_limiter.blocked(self.peer_ip):
+            log.warning("%s: AUTH refused, too many recent failures from this address", self.peer_ip)
+            await self.push("454 4.7.0 Too many failed logins from your address, try again later")
+        elif not words or len(words) > 2:
+            await self.push("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
+        elif words[0].upper() not in ("PLAIN", "LOGIN"):
+            await self.push("504 5.5.4 Unrecognized authentication type")
+        else:
+            await super().smtp_AUTH(" ".join([words[0].upper(), *words[1:]]))
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await self.challenge_auth("")
+            if blob is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            blob = _b64(args[1])
+            if blob is None:
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\x00")
+        if len(parts) != 3:
+            await self.push("501 5.5.2 Can't split auth value")
+            return AuthResult(success=False, handled=True)
+        return await self._check_login(parts[1], parts[2])
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
+            if login is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            login = _b64(args[1])
+            if login is None:
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
+        if password is MISSING:
+            return AuthResult(success=False, handled=True)
+        return await self._check_login(login, password)
+
+    async def _check_login(self, login_bytes: bytes, password_bytes: bytes) -> AuthResult:
+        try:
+            login, password = login_bytes.decode("utf-8"), password_bytes.decode("utf-8")
+        except UnicodeDecodeError:
+            login, password, ok = login_bytes.decode("utf-8", "replace"), None, False
+        else:
+            # A slow KDF must not stall every other session: check in a worker thread.
+            ok = bool(await asyncio.to_thread(self.users.verify, login, password))
+        shown = hygiene.clean_text(login, 64)
+        if ok:
+            log.info("%s: authenticated as %r", self.peer_ip, shown)
+            return AuthResult(success=True, handled=False, auth_data=Authenticated(login))
+        self._auth_failures += 1
+        self.auth_limiter.failed(self.peer_ip)
+        log.warning("%s: failed login for %r (%d on this connection)", self.peer_ip, shown, self._auth_failures)
+        await asyncio.sleep(self.limits.auth_failure_delay)
+        if self._auth_failures >= self.limits.max_auth_failures:
+            await self._close_with("421 4.7.0 Error: too many failed logins, closing connection")
+            return AuthResult(success=False, handled=True)
+        return AuthResult(success=False, handled=False)   # aiosmtpd answers 535 5.7.8
+
+    # -- the transaction ---------------------------------------------------------------
+    def _spool_free(self) -> Optional[int]:
+        if self.free_space is None:
+            return None
+        try:
+            return self.free_space()
+        except OSError:
+            return None
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: Optional[str]) -> None:
+        if await self.check_helo_needed():
+            return
+        if self.envelope.mail_from:
+            await self.push("503 5.5.1 Error: nested MAIL command")
+            return
+        rest = self._strip_command_keyword("FROM:", arg or "")
+        if rest is None:
+            await self.push("501 5.5.4 Syntax: MAIL FROM:<address>")
+            return
+        path = hygiene.parse_path(rest, role="sender", smtputf8=True)
+        if isinstance(path, hygiene.Refusal):
+            await self.push(path.reply)
+            return
+        params = hygiene.parse_params(path.params)
+        if params and not self.session.extended_smtp:
+            await self.push("501 5.5.4 Syntax: MAIL FROM:<address> (parameters need EHLO)")
+            return
+        smtputf8 = params.pop("SMTPUTF8", False)
+        body = params.pop("BODY", "7BIT")
+        size = params.pop("SIZE", None)
+        if not isinstance(smtputf8, bool):
+            await self.push("501 5.5.4 Error: SMTPUTF8 takes no value")
+            return
+        if path.non_ascii and not smtputf8:
+            await self.push("553 5.6.7 Must declare SMTPUTF8 to send unicode address")
+            return
+        if not isinstance(body, str) or body.upper() not in ("7BIT", "8BITMIME"):
+            await self.push("501 5.5.4 Error: BODY can only be one of 7BIT, 8BITMIME")
+            return
+        if size is not None and (not isinstance(size, str) or not size.isdigit()):
+            await self.push("501 5.5.4 Error: SIZE needs a number")
+            return
+        if params:
+            await self.push("555 5.5.4 MAIL FROM parameters not recognized or not implemented")
+            return
+        if size is not None and int(size) > self.data_size_limit:
+            await self.push("552 5.3.4 Message size exceeds fixed maximum message size")
+            return
+        free = self._spool_free()
+        if free is not None and free < self.limits.reserve_for(self.data_size_limit) + int(size or 0):
+            log.error("spool free space %d below the reserve; answered 452", free)
+            await self.push("452 4.3.1 Insufficient system storage")
+            return
+        address = path.address or "<>"   # aiosmtpd's spelling of the null sender
+        options = [p.upper() for p in path.params]
+        self.envelope.smtp_utf8 = smtputf8
+        status = await self._call_handler_hook("MAIL", address, options)
+        if status is MISSING:
+            self.envelope.mail_from = address
+            self.envelope.mail_options.extend(options)
+            status = "250 2.1.0 Ok"
+        log.info("%s: sender %r", self.peer_ip, hygiene.clean_text(address, 300))
+        await self.push(status)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: Optional[str]) -> None:
+        if await self.check_helo_needed():
+            return
+        if not self.envelope.mail_from:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        rest = self._strip_command_keyword("TO:", arg or "")
+        if rest is None:
+            await self.push("501 5.5.4 Syntax: RCPT TO:<address>")
+            return
+        path = hygiene.parse_path(rest, role="recipient", smtputf8=bool(self.envelope.smtp_utf8))
+        if isinstance(path, hygiene.Refusal):
+            await self.push(path.reply)
+            return
+        if path.params:
+            await self.push("555 5.5.4 RCPT TO parameters not recognized or not implemented")
+            return
+        if len(self.envelope.rcpt_tos) >= self.limits.max_recipients:
+            await self.push("452 4.5.3 Error: too many recipients")
+            return
+        login = getattr(self.session.auth_data, "login", None) if self.session.authenticated else None
+        if not self.access.may_relay(self.peer_ip, login):
+            log.warning("%s: relay denied for %r", self.peer_ip, path.address)
+            await self.push(f"554 5.7.1 <{path.address}>: Relay access denied")
+            return
+        if path.address in self.envelope.rcpt_tos:
+            await self.push("250 2.1.5 Ok")   # a duplicate: delivered once
+            return
+        status = await self._call_handler_hook("RCPT", path.address, [])
+        if status is MISSING:
+            self.envelope.rcpt_tos.append(path.address)
+            status = "250 2.1.5 Ok"
+        await self.push(status)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed():
+            return
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        content, problem = await self._read_data()
+        if problem is not None:
+            self._set_post_data_state()
+            await self.push(problem)
+            return
+        cleaned = hygiene.clean_message(content, hop_limit=self.limits.hop_limit,
+                                        max_header_size=self.limits.max_header_size)
+        if isinstance(cleaned, hygiene.Refusal):
+            log.warning("%s: message refused: %s", self.peer_ip, cleaned.reply)
+            self._set_post_data_state()
+            await self.push(cleaned.reply)
+            return
+        self.envelope.content = self.envelope.original_content = cleaned
+        try:
+            status = await self._call_handler_hook("DATA")
+        except OSError as exc:
+            log.error("%s: spool error; answered 4xx: %s", self.peer_ip, exc)
+            status = ("452 4.3.1 Insufficient system storage" if exc.errno in _FULL_ERRNOS
+                      else "451 4.3.0 Error: queue file write error")
+        except Exception:
+            log.exception("%s: internal error while handing over a message; answered 451", self.peer_ip)
+            status = INTERNAL_ERROR
+        self._set_post_data_state()
+        await self.push("250 2.0.0 OK" if status is MISSING else status)
+
+    async def _read_data(self) -> tuple[bytes, Optional[str]]:
+        """Read to `<CRLF>.<CRLF>` (only that ends DATA: RFC 5321 2.3.8), undoing dot-stuffing.
+
+        The time allowed grows with the bytes received (the minimum data rate) but never
+        beyond one idle timeout without a complete line; the session deadline still applies.
+        Over the size or line limit, the rest is drained to the real end before replying.
+        """
+        lines: list[bytes] = []
+        size, too_much, too_long = 0, False, False
+        limit, idle, rate = self.data_size_limit, self.limits.idle_timeout, max(1, self.limits.min_data_rate)
+        start = self.loop.time()
+        self._reset_timeout(idle)
+        pending = b""
+        while True:
+            try:
+                line = await self._reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError as exc:
+                too_long = True
+                lines.clear()
+                chunk = await self._reader.read(exc.consumed)
+                size += len(chunk)
+                pending = chunk[-1:]   # a CR at the cut may start the CRLF
+                continue
+            except asyncio.IncompleteReadError:
+                raise ConnectionResetError("connection closed during DATA") from None
+            now = self.loop.time()
+            size += len(line)
+            self._reset_timeout(max(0.001, min(idle, start + idle + size / rate - now)))
+            if pending:
+                pending = b""
+                continue   # the tail of an overlong line
+            if line == b".\r\n":
+                break
+            if too_much or too_long:
+                continue
+            if size > limit:
+                too_much = True
+                lines.clear()
+                continue
+            lines.append(line[1:] if line.startswith(b".") else line)
+        self._reset_timeout()
+        if too_long:
+            return b"", "500 5.5.2 Error: line too long (RFC 5321 4.5.3.1.6)"
+        if too_much:
+            return b"", "552 5.3.4 Message size exceeds fixed maximum message size"
+        return b"".join(lines), None
+
+    # -- not SMTP ------------------------------------------------------------------------
+    async def _not_smtp(self, arg: Optional[str]) -> None:
+        log.warning("%s: HTTP request on the SMTP port; closing", self.peer_ip)
+        await self._close_with("502 5.7.0 Error: this is an SMTP server, goodbye")
+
+    smtp_GET = smtp_POST = smtp_HEAD = smtp_PUT = smtp_CONNECT = _not_smtp
+
+
+def _b64(text: str) -> Optional[bytes]:
+    import base64
+    import binascii
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        return None
+
+
+# --- listeners ------------------------------------------------------------------------
+
+def make_tls_context(cert: str | Path, key: str | Path) -> ssl.SSLContext:
+    """A server-side TLS context (TLS 1.2 or later) from PEM files; ListenerError if unusable."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ListenerError(f"cannot use --tls-cert {cert} / --tls-key {key}: {exc}") from None
+    return context
+
+
+def _host_port(address: Any) -> tuple[str, int]:
+    if hasattr(address, "host"):
+        return str(address.host), int(address.port)
+    host, port = address
+    return str(host), int(port)
+
+
+def spool_free_space(spool: str | Path) -> Callable[[], Optional[int]]:
+    """Free bytes for unprivileged writers on the spool's file system (None if unknown)."""
+    def free() -> Optional[int]:
+        path = Path(spool)
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        return shutil.disk_usage(path).free
+    return free
+
+
+async def start_listeners(handler: Any, config: Any, *,
+                          free_space: Optional[Callable[[], Optional[int]]] = None,
+                          tls_context: Optional[ssl.SSLContext] = None) -> list[asyncio.Server]:
+    """Start the SMTP listeners described by `config` (a ServeConfig or anything with its fields):
+
+    `listen` (plain, offering STARTTLS when `tls_cert`/`tls_key` are set), `listen_tls`
+    (implicit TLS, optional), `hostname`, `max_size`, `relay_networks`, `users` (path or
+    None), `spool` (for the disk reserve), `limits` (a Limits or None for the defaults).
+    `free_space` replaces the spool free-space probe (tests); `tls_context` replaces the
+    one built from the PEM files. All listeners share one connection gate and AUTH limiter.
+    Raises ListenerError for an unusable configuration, OSError when a port is taken.
+    """
+    from server.users import UserStore
+
+    limits = getattr(config, "limits", None) or Limits()
+    access = RelayAccess.from_cidrs(getattr(config, "relay_networks", ()) or ())
+    users_path = getattr(config, "users", None)
+    users = UserStore(users_path) if users_path else None
+    cert, key = getattr(config, "tls_cert", None), getattr(config, "tls_key", None)
+    if tls_context is None and cert and key:
+        tls_context = make_tls_context(cert, key)
+    listen_tls = getattr(config, "listen_tls", None)
+    if listen_tls is not None and tls_context is None:
+        raise ListenerError("--listen-tls needs --tls-cert and --tls-key")
+    if free_space is None and getattr(config, "spool", None) is not None:
+        free_space = spool_free_space(config.spool)
+    gate = ConnectionGate(limits.max_connections, limits.max_connections_per_ip)
+    limiter = AuthLimiter(limits.max_auth_failures_per_ip, limits.auth_failure_window)
+    loop = asyncio.get_running_loop()
+    hostname = getattr(config, "hostname", None) or "localhost"
+    max_size = int(getattr(config, "max_size", 35_000_000))
+
+    def factory(implicit: bool) -> Callable[[], RelaySMTP]:
+        return lambda: RelaySMTP(
+            handler, limits=limits, access=access, hostname=hostname, max_size=max_size, gate=gate,
+            auth_limiter=limiter, users=users, tls_context=tls_context, implicit_tls=implicit,
+            free_space=free_space, loop=loop)
+
+    servers: list[asyncio.Server] = []
+    try:
+        host, port = _host_port(config.listen)
+        servers.append(await loop.create_server(factory(False), host, port))
+        if listen_tls is not None:
+            host, port = _host_port(listen_tls)
+            servers.append(await loop.create_server(
+                factory(True), host, port, ssl=tls_context,
+                ssl_handshake_timeout=min(30.0, limits.idle_timeout)))
+    except BaseException:
+        for server in servers:
+            server.close()
+        raise
+    for server in servers:
+        for sock in server.sockets:
+            log.info("listening on %s", sock.getsockname()[:2])
+    return servers
