@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Coroutine, Optional
 
-from server.snapshot import ReloadRefused, Snapshot, assemble, prepare, retired_engines
+from server.snapshot import (ReloadRefused, Snapshot, assemble, decode_rules, prepare,
+                             retired_engines)
 
 if TYPE_CHECKING:
     from server.engines.base import EngineContext
@@ -275,24 +276,19 @@ class Reloader:
         except OSError as exc:
             self._seen = None
             return await self._refuse(reason, f"{self.path}: cannot read: {exc.strerror}",
-                                      None, started)
+                                      started)
         self._missing_logged = False
         self._seen = fingerprint
         digest = hashlib.sha256(data).hexdigest()
         if digest == self._seen_digest and not force:
             return self._result(self._refused is None, reason, "unchanged", started)
         self._seen_digest = digest
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            return await self._refuse(
-                reason, f"{self.path}: not UTF-8 text (byte {exc.start}): reload refused",
-                digest, started)
         filename = str(self.path)
         try:
+            text = decode_rules(data, filename)
             prepared = await asyncio.to_thread(prepare, text, filename)
         except ReloadRefused as exc:
-            return await self._refuse(reason, exc.text, digest, started)
+            return await self._refuse(reason, exc.text, started)
         if prepared.table.version == active and not force:
             # Back to the active content (e.g. after a refused save): nothing to swap.
             if self._refused is not None:
@@ -318,8 +314,7 @@ class Reloader:
             await self._write_status()
         return ReloadResult(True, True, new.version, reason, "", took)
 
-    async def _refuse(self, reason: str, detail: str, digest: Optional[str],
-                      started: float) -> ReloadResult:
+    async def _refuse(self, reason: str, detail: str, started: float) -> ReloadResult:
         log.error("%s\nreload refused; version %s stays active",
                   detail.rstrip("\n"), self.current.version)
         first = detail.strip().splitlines()[0] if detail.strip() else "refused"

@@ -111,10 +111,35 @@ def assemble(
             engines[spec.name] = previous.engines[spec.name]
             reused += 1
         else:
-            engines[spec.name] = build(spec, secret, ctx)
+            try:
+                engines[spec.name] = build(spec, secret, ctx)
+            except (OSError, ValueError) as exc:   # e.g. an unreadable CA file
+                # Engines built so far have opened nothing yet: dropping them is enough.
+                raise ReloadRefused(f"{prepared.table.source}:{spec.line}: engine "
+                                    f"'{spec.name}' cannot be set up: {exc}") from None
     log.debug("engines: %d reused, %d new", reused, len(engines) - reused)
     return Snapshot(table=prepared.table, engines=engines, version=prepared.table.version,
                     loaded_at=time.time(), engine_keys=keys)
+
+
+def decode_rules(data: bytes, filename: str) -> str:
+    """The rules text of a file's bytes; raises ReloadRefused (rendered like `check`,
+    code `bad-encoding`, at the first bad byte) when they are not UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        import routedsl
+
+        line = data.count(b"\n", 0, exc.start) + 1
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
+        column = len(data[line_start:exc.start].decode("utf-8", "replace")) + 1
+        diag = routedsl.Diagnostic(
+            file=filename, line=line, column=column, end_line=line, end_column=column + 1,
+            severity="error", code="bad-encoding",
+            message=f"the file is not UTF-8 text (byte 0x{data[exc.start]:02x})",
+            hint="save the file as UTF-8")
+        text = data.decode("utf-8", "replace")
+        raise ReloadRefused(routedsl.render_human([diag], text), (diag,)) from None
 
 
 def build_snapshot(

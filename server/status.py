@@ -81,11 +81,11 @@ def read_active(spool: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def relay_running(spool: str | os.PathLike[str], record: dict[str, Any]) -> Optional[bool]:
-    """Whether the relay that wrote `record` still runs: its pid is alive and, when the
-    spool defines a lock, the lock is held. None when it cannot be told."""
-    held = _spool_lock_held(Path(spool))
-    if held is not None:
-        return held
+    """Whether a relay holds the spool now (its lock), falling back to whether the pid
+    that wrote `record` is alive. None when it cannot be told."""
+    holder = _lock_holder(Path(spool))
+    if holder is not _UNKNOWN:
+        return holder is not None
     pid = record.get("pid")
     if not isinstance(pid, int) or pid <= 0:
         return None
@@ -98,19 +98,19 @@ def relay_running(spool: str | os.PathLike[str], record: dict[str, Any]) -> Opti
     return True
 
 
-def _spool_lock_held(spool: Path) -> Optional[bool]:
-    """Ask the spool's own lock, when server.queue exposes a way to (None otherwise)."""
+_UNKNOWN = object()
+
+
+def _lock_holder(spool: Path) -> object:
+    """The pid holding the spool lock (None: nobody), or _UNKNOWN without a spool module."""
     try:
-        from server import queue
-    except Exception:  # the spool module is optional here: fall back to the pid
-        return None
-    probe = getattr(queue, "lock_held", None) or getattr(queue, "spool_locked", None)
-    if probe is None:
-        return None
+        from server.queue import lock_holder
+    except ImportError:
+        return _UNKNOWN
     try:
-        return bool(probe(spool))
-    except Exception:
-        return None
+        return lock_holder(spool)
+    except OSError:
+        return _UNKNOWN
 
 
 def render_text(record: dict[str, Any], running: Optional[bool], now: float) -> str:
