@@ -631,7 +631,8 @@ async def start_listeners(handler: Any, config: Any, *,
     limits = getattr(config, "limits", None) or Limits()
     access = RelayAccess.from_cidrs(getattr(config, "relay_networks", ()) or ())
     users_path = getattr(config, "users", None)
-    users = UserStore(users_path) if users_path else None
+    # A path, or (tests, embedding) any object with verify(login, password) -> bool.
+    users = users_path if hasattr(users_path, "verify") else UserStore(users_path) if users_path else None
     cert, key = getattr(config, "tls_cert", None), getattr(config, "tls_key", None)
     if tls_context is None and cert and key:
         tls_context = make_tls_context(cert, key)
