@@ -1,0 +1,91 @@
+"""Child process for the crash-point tests: commits messages and kills itself at a chosen point.
+
+    python -m tests.queue.crash_child SPOOL POINT K COUNT MODE
+
+POINT is where the k-th commit dies with SIGKILL:
+  mid_write     half the bytes are in tmp/, nothing fsynced
+  before_rename written and fsynced in tmp/, not yet renamed into msg/
+  before_dirsync renamed into msg/, the folder not yet fsynced (never acknowledged)
+  after_ack     put() returned and the ACK line was printed
+MODE is "put" (one at a time) or "accept" (10 concurrent accepts, group commit).
+Each acknowledged message is printed as "ACK <id> <index>" and flushed before going on.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+
+import server.queue as queue
+
+
+def body(i: int) -> bytes:
+    return f"Subject: message {i}\r\nMessage-ID: <{i}@crash.test>\r\n\r\n".encode() + bytes([65 + i % 26]) * (1000 + 97 * i)
+
+
+def die() -> None:
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main() -> None:
+    root, point, k, count, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    calls = {"n": 0}
+
+    def nth() -> bool:
+        calls["n"] += 1
+        return calls["n"] == k
+
+    if point == "mid_write":
+        real_write = queue._write_file
+
+        def write(path, chunks):
+            if path.parent.name == "tmp" and nth():
+                data = b"".join(chunks)
+                with open(path, "wb") as f:
+                    f.write(data[: len(data) // 2])
+                die()
+            return real_write(path, chunks)
+        queue._write_file = write
+    elif point == "before_rename":
+        real_replace = os.replace
+
+        def replace(src, dst):
+            if str(dst).endswith(os.path.join("msg", os.path.basename(str(dst)))) and nth():
+                die()
+            return real_replace(src, dst)
+        queue.os.replace = replace  # type: ignore[attr-defined]
+    elif point == "before_dirsync":
+        real_sync = queue.fsync_dir
+
+        def sync(path):
+            if os.path.basename(str(path)) == "msg" and nth():
+                die()
+            return real_sync(path)
+        queue.fsync_dir = sync
+
+    spool = queue.Spool(root)
+    spool.open()
+
+    def ack(msg, i: int) -> None:
+        print(f"ACK {msg.id} {i}", flush=True)
+        if point == "after_ack" and i + 1 == k:
+            die()
+
+    if mode == "put":
+        for i in range(count):
+            ack(spool.put("a@crash.test", [f"r{i}@crash.test"], body(i)), i)
+    else:
+        async def run() -> None:
+            async def one(i: int) -> None:
+                msg = await spool.accept("a@crash.test", [f"r{i}@crash.test"], body(i))
+                ack(msg, i)
+            for start in range(0, count, 10):
+                await asyncio.gather(*(one(i) for i in range(start, min(count, start + 10))))
+        asyncio.run(run())
+    print("DONE", flush=True)
+
+
+if __name__ == "__main__":
+    main()
