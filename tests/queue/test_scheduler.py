@@ -253,3 +253,27 @@ async def test_restart_resumes_waiting_messages(tmp_path: Path) -> None:
         async with running(tmp_path, Table(("isp",)), {"isp": smarthost("isp", sink.port, CTX)}) as (sched, spool):
             await sink.wait_for(1)
             await until(lambda: not spool.messages())
+
+
+async def test_a_state_write_failure_keeps_the_message_queued(tmp_path: Path, caplog) -> None:
+    import errno
+    async with FakeSmtp() as sink:
+        sink.fail_local("bob", "451", times=1)
+        async with running(tmp_path, Table(("isp",)), {"isp": smarthost("isp", sink.port, CTX)}) as (sched, spool):
+            real_record = spool.record
+            failures = []
+
+            async def full_disk_once(state):
+                if not failures:
+                    failures.append(state.id)
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                await real_record(state)
+
+            spool.record = full_disk_once  # type: ignore[method-assign]
+            msg = await spool.accept("alice@home.test", ["bob@ok.test"], MESSAGE)
+            sched.wake(msg)
+            got = await sink.wait_for(1)
+            await until(lambda: not spool.messages())
+        assert failures == [msg.id]
+        assert got[0].recipients == ["bob@ok.test"]
+        assert any("stays queued" in r.getMessage() for r in caplog.records)
