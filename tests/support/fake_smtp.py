@@ -12,7 +12,7 @@ it came over TLS, the AUTH user), the commands seen (`commands`, e.g. "EHLO", "S
 
 Fault switches (smtp-sink style), each an action: a reply ("451", "550", "421", "552",
 "554" or a full reply text such as "550 5.1.1 no such user"), "drop" (close the connection
-without a reply) or "stall" (never answer):
+without a reply), "stall" (never answer) or "delay SECONDS" (answer normally, but late):
 
 * `fail(command, action, times=None)` for GREETING, EHLO, AUTH, MAIL, RCPT, DATA, RSET
   (DATA faults answer after the final dot, as a server that refuses the content);
@@ -58,6 +58,7 @@ class Message:
     user: Optional[str]
     peer: Any = None
     options: list[str] = field(default_factory=list)
+    helo: Optional[str] = None
 
     def header(self, name: str) -> Optional[str]:
         import email
@@ -198,9 +199,10 @@ class FakeSmtp:
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
-        deadline = time.monotonic() + 2.0
-        while self._transports and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        # closed transports report connection_lost on the next loop iterations
+        for _ in range(3):
+            await asyncio.sleep(0)
+        self._transports.clear()
 
     async def wait_for(self, count: int, timeout: float = 10.0) -> list[Message]:
         """Wait until at least `count` messages arrived; fail the test after `timeout`."""
@@ -256,6 +258,9 @@ class FakeSmtp:
     async def _act(self, server: SMTP, action: Optional[str]) -> Optional[str]:
         """None: carry on normally; else the reply to send (after drop/stall, never returns)."""
         if action is None:
+            return None
+        if action.startswith("delay "):  # answer normally, but late
+            await asyncio.sleep(float(action.split()[1]))
             return None
         if action == "drop":
             server.transport.close()
@@ -325,6 +330,7 @@ class _Handler:
             user=session.auth_data if session.authenticated else None,
             peer=session.peer,
             options=list(envelope.mail_options),
+            helo=session.host_name,
         ))
         return "250 2.0.0 Ok: queued"
 
