@@ -153,6 +153,10 @@ def _kind_of(code: int) -> Kind:
 def from_reply(code: int, message: str, *, engine: str, host: Optional[str],
                stage: Stage) -> Outcome:
     """Turn one SMTP reply into an Outcome, applying the spec §7 policy."""
+    if not 200 <= code < 600:
+        # garbage instead of a reply (aiosmtplib reports it as code -1): the peer is broken
+        return Outcome(Kind.TEMPORARY, None, "4.5.0",
+                       "malformed reply from server: " + clean_text(message, 200), engine, host)
     enhanced, text = split_enhanced(code, message)
     kind = _kind_of(code)
     final = False

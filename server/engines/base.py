@@ -253,12 +253,15 @@ async def run_transaction(client: aiosmtplib.SMTP, envelope: Envelope, recipient
     try:
         await client.mail(envelope.sender, options=options, encoding=encoding, timeout=timeout)
     except (aiosmtplib.SMTPResponseException, ValueError, UnicodeError) as exc:
+        if _garbled(exc):
+            return broken(exc, Stage.MAIL, recipients)
         refused = oc.classify(exc, engine=engine, host=host, stage=Stage.MAIL)
         return {r: refused for r in recipients}, await _reset(client, timeout)
     except Exception as exc:
         return broken(exc, Stage.MAIL, recipients)
 
     accepted: list[str] = []
+    overflow: list[str] = []  # "452 too many recipients": worth another transaction
     for rcpt in recipients:
         try:
             await client.rcpt(rcpt, encoding=encoding, timeout=timeout)
@@ -266,11 +269,15 @@ async def run_transaction(client: aiosmtplib.SMTP, envelope: Envelope, recipient
         except (ValueError, UnicodeError) as exc:  # refused locally, nothing was sent
             outcomes[rcpt] = oc.classify(exc, engine=engine, host=host, stage=Stage.RCPT)
         except aiosmtplib.SMTPResponseException as exc:
+            if _garbled(exc):
+                return broken(exc, Stage.RCPT, recipients)
             outcomes[rcpt] = oc.classify(exc, engine=engine, host=host, stage=Stage.RCPT)
             if not client.is_connected:  # 421: the server is going away
                 for r in recipients:
                     outcomes.setdefault(r, outcomes[rcpt])
                 return outcomes, False
+            if exc.code == 452 and accepted:
+                overflow.append(rcpt)
         except Exception as exc:
             return broken(exc, Stage.RCPT, recipients)
 
@@ -280,6 +287,8 @@ async def run_transaction(client: aiosmtplib.SMTP, envelope: Envelope, recipient
     try:
         response = await client.data(envelope.data, timeout=final_timeout)
     except aiosmtplib.SMTPResponseException as exc:
+        if _garbled(exc):
+            return broken(exc, Stage.DATA, accepted)
         refused = oc.classify(exc, engine=engine, host=host, stage=Stage.DATA)
         for r in accepted:
             outcomes[r] = refused
@@ -292,7 +301,19 @@ async def run_transaction(client: aiosmtplib.SMTP, envelope: Envelope, recipient
     done = oc.delivered(response.message, engine=engine, host=host, code=response.code)
     for r in accepted:
         outcomes[r] = done
+    if overflow:
+        # RFC 5321 §4.5.3.1.10: the server took some; send the rest in a new transaction
+        more, reusable = await run_transaction(client, envelope, overflow, engine=engine,
+                                               host=host, timeout=timeout,
+                                               final_timeout=final_timeout)
+        outcomes.update(more)
+        return outcomes, reusable
     return outcomes, True
+
+
+def _garbled(exc: BaseException) -> bool:
+    """A 'reply' that was not one (aiosmtplib code -1): the session cannot be trusted."""
+    return isinstance(exc, aiosmtplib.SMTPResponseException) and not 200 <= exc.code < 600
 
 
 async def _reset(client: aiosmtplib.SMTP, timeout: float) -> bool:

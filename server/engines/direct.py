@@ -81,10 +81,14 @@ class DirectEngine:
         best: dict[str, Outcome] = {}
         last: dict[str, Outcome] = {}
         pending = list(rcpts)
+        tried: set[str] = set()
         for host in found.hosts:
             for address in host.addresses:
                 if not pending:
                     break
+                if address in tried:  # two MX names for one machine: once is enough
+                    continue
+                tried.add(address)
                 result = await self._attempt(envelope, pending, host.name, address)
                 for r, o in result.items():
                     last[r] = o

@@ -125,7 +125,7 @@ async def test_cname_to_a_domain_with_mx():
 
 
 async def test_answers_are_cached_per_context():
-    async with DnsServer(ZONES) as server:
+    async with DnsServer(ZONES, ttl=60) as server:
         ctx = context(server.nameserver)
         await resolve("ok.test", ctx)
         await resolve("ok.test", ctx)

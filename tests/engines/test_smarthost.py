@@ -297,3 +297,24 @@ async def test_duplicate_recipients_get_one_rcpt():
     async with FakeSmtp() as fake:
         got = await _send(_engine(fake, tls="none"), ["bob@ok.test", "bob@ok.test"])
         assert list(got) == ["bob@ok.test"] and fake.commands.count("RCPT") == 1
+
+
+async def test_too_many_recipients_continue_in_a_second_transaction():
+    async with FakeSmtp() as fake:
+        engine = _engine(fake, tls="none")
+        fake.fail_local("c", "452 4.5.3 Too many recipients", times=1)
+        got = await _send(engine, ["a@ok.test", "b@ok.test", "c@ok.test"])
+        assert all(o.delivered for o in got.values()), got
+        assert [m.recipients for m in fake.messages] == [["a@ok.test", "b@ok.test"], ["c@ok.test"]]
+        assert fake.connections == 1
+
+
+async def test_garbage_reply_is_temporary_and_the_connection_is_dropped():
+    async with FakeSmtp() as fake:
+        engine = _engine(fake, tls="none")
+        fake.fail("MAIL", "abc", times=1)
+        first = await engine.deliver(envelope(), ["bob@ok.test"])
+        second = await engine.deliver(envelope(), ["bob@ok.test"])
+        await engine.aclose()
+        assert first["bob@ok.test"].temporary and first["bob@ok.test"].code is None
+        assert second["bob@ok.test"].delivered and fake.connections == 2

@@ -16,7 +16,8 @@ Record types: MX [(pref, host)], A [ip], AAAA [ip], CNAME host, TXT [text]. A na
 not in `zones` answers NXDOMAIN; a name without the asked type answers NOERROR with no
 records. Faults per name: "nxdomain", "servfail", "timeout" (no answer at all), each
 optionally for the first `times` queries only. The zones dict may be changed while the
-server runs. Runs in the test's own event loop; stopped on leaving the context.
+server runs. Answers carry TTL 0 by default so no resolver cache hides a change between
+(or within) tests; pass `ttl=` to test caching. Runs in the test's own event loop; stopped on leaving the context.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ class _Protocol(asyncio.DatagramProtocol):
 
 
 class DnsServer:
-    def __init__(self, zones: Optional[Zones] = None, *, ttl: int = 60) -> None:
+    def __init__(self, zones: Optional[Zones] = None, *, ttl: int = 0) -> None:
         self.zones: Zones = {_key(k): v for k, v in (zones or {}).items()}
         self.ttl = ttl
         self.queries: collections.Counter[str] = collections.Counter()
