@@ -17,7 +17,10 @@ can duplicate a bounce, never lose one). A bounce never goes to the null sender 
 
 It never speaks SMTP and never interprets a failure: engines return Outcomes, and
 server/outcome.py owns what they mean. Concurrency is bounded by `DeliveryConfig.concurrency`
-messages in flight; an engine bounds its own connections.
+messages in flight; an engine bounds its own connections. A smarthost engine that failed as a
+whole (no connection, no greeting, TLS, timeout, 421) is skipped for min(min_backoff, 60 s),
+as Postfix keeps dead hosts aside: later messages fail over at once instead of each waiting
+for the same timeout.
 
 One log line per engine attempt (logger routedsl.scheduler):
     QUEUEID to=<a@x>,<b@y> engine=NAME rule=FILE:LINE|default order rules=VERSION
@@ -92,6 +95,8 @@ class Scheduler:
         self._running = False
         self._stopped = asyncio.Event()
         self._slots = asyncio.Semaphore(max(1, config.concurrency))
+        # smarthost engines that just failed as a whole: engine object id -> (until, outcome)
+        self._cooling: dict[int, tuple[float, "Outcome"]] = {}
 
     # ---------------------------------------------------------------- outside API
 
@@ -312,6 +317,17 @@ class Scheduler:
         if engine is None:
             why = f"engine {name} is not in the active rules"
             return {r: policy.engine_problem(why, engine=name) for r in recipients}
+        cooling = self._cooling.get(id(engine))
+        if cooling is not None:
+            until, why = cooling
+            now = time.monotonic()
+            if now < until:
+                skipped = policy.engine_problem(
+                    f"not tried for {until - now:.0f}s more: it failed {self._cool_for():.0f}s "
+                    f"ago or less ({why.reply})", engine=name, host=why.host,
+                    enhanced=why.enhanced or "4.4.1")
+                return {r: skipped for r in recipients}
+            del self._cooling[id(engine)]
         try:
             got = await engine.deliver(envelope, list(recipients))
         except asyncio.CancelledError:
@@ -319,8 +335,29 @@ class Scheduler:
         except Exception as exc:  # engines never raise; if one does, it is its fault, not the mail's
             got = {r: policy.classify(exc, engine=name, host=None, stage=policy.Stage.LOCAL)
                    for r in recipients}
-        return {r: got.get(r) or policy.engine_problem("the engine gave no outcome", engine=name)
-                for r in recipients}
+        outcomes = {r: got.get(r) or policy.engine_problem("the engine gave no outcome", engine=name)
+                    for r in recipients}
+        self._note_engine_health(engine, outcomes)
+        return outcomes
+
+    def _cool_for(self) -> float:
+        return min(self.config.min_backoff, 60.0)
+
+    def _note_engine_health(self, engine: object, outcomes: dict[str, "Outcome"]) -> None:
+        """Postfix's dead-host list, per smarthost engine: when the engine as a whole failed
+        (no connection, no greeting, TLS or timeout: a temporary outcome without an SMTP reply,
+        or a 421), skip it for a short while so the next messages go straight to the next
+        engine of their plan instead of each waiting for the same failure. Never for the direct
+        engine: its failures belong to one destination, not to the engine."""
+        spec = getattr(engine, "spec", None)
+        if getattr(spec, "kind", None) not in ("smtp", "smtps") or not outcomes:
+            return
+        first = next(iter(outcomes.values()))
+        whole = all(o.temporary and (o.code is None or o.code == 421) for o in outcomes.values())
+        if whole:
+            self._cooling[id(engine)] = (time.monotonic() + self._cool_for(), first)
+            log.info("engine %s failed as a whole (%s); skipped for %.0fs", first.engine,
+                     first.reply, self._cool_for())
 
     async def _record_step(self, msg: QueuedMessage, outcomes: dict[str, "Outcome"],
                            skip_write: bool) -> None:

@@ -277,3 +277,17 @@ async def test_a_state_write_failure_keeps_the_message_queued(tmp_path: Path, ca
         assert failures == [msg.id]
         assert got[0].recipients == ["bob@ok.test"]
         assert any("stays queued" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_smarthost_that_fails_as_a_whole_is_skipped_for_a_while(tmp_path: Path) -> None:
+    async with FakeSmtp() as dead, FakeSmtp() as good:
+        dead.fail("GREETING", "421")
+        engines = {"dead": smarthost("dead", dead.port, CTX), "good": smarthost("good", good.port, CTX)}
+        async with running(tmp_path, Table(("dead", "good")), engines, min_backoff=30, max_backoff=60) as (sched, spool):
+            for i in range(5):
+                sched.wake(await spool.accept("alice@home.test", [f"r{i}@ok.test"], MESSAGE))
+                await good.wait_for(i + 1)
+            await until(lambda: not spool.messages())
+        # the first message found it dead; the four after it went straight to the next engine
+        assert dead.connections == 1
+        assert len(good.messages) == 5
