@@ -1,6 +1,7 @@
 """The direct engine against fake MX hosts on 127.0.0.2/.3 and a real UDP DNS server."""
 from __future__ import annotations
 
+import asyncio
 import ssl
 
 import pytest
@@ -219,3 +220,27 @@ async def test_recipient_without_domain_is_refused_locally(dns_server):
     got = await engine.deliver(envelope(), ["nodomain"])
     await engine.aclose()
     assert got["nodomain"].final and got["nodomain"].enhanced == "5.1.3"
+
+
+async def test_equal_preference_spreads_deliveries(dns_server):
+    dns_server.add("equal.test", "MX", [(10, "mx1.ok.test"), (10, "mx2.ok.test")])
+    async with fake_mx_hosts(["127.0.0.2", "127.0.0.3"]) as (mx1, mx2):
+        engine = await _direct(dns_server, mx1.port)
+        for i in range(30):
+            got = await engine.deliver(envelope(to="x@equal.test", queue_id=f"Q{i}"), ["x@equal.test"])
+            assert got["x@equal.test"].delivered
+        await engine.aclose()
+        assert len(mx1.messages) >= 5 and len(mx2.messages) >= 5
+        assert len(mx1.messages) + len(mx2.messages) == 30
+
+
+async def test_a_full_pool_makes_room_by_closing_an_idle_connection(dns_server):
+    async with fake_mx_hosts(["127.0.0.2", "127.0.0.3"]) as (mx1, mx2):
+        engine = await _direct(dns_server, mx1.port, connections=1)
+        first = await engine.deliver(envelope(to="a@plain.test"), ["a@plain.test"])
+        assert mx1.active == 1  # kept idle for reuse
+        second = await asyncio.wait_for(
+            engine.deliver(envelope(to="c@other.test"), ["c@other.test"]), 10)
+        assert first["a@plain.test"].delivered and second["c@other.test"].delivered
+        assert engine.pool.open_connections == 1 and engine.pool.peak == 1
+        await engine.aclose()
