@@ -145,3 +145,16 @@ def test_rank_prefers_a_retry_to_a_bounce():
     perm = _classify(aiosmtplib.SMTPRecipientRefused(554, "5.7.1 no", "b"))
     verdict = _classify(aiosmtplib.SMTPRecipientRefused(550, "5.1.1 unknown", "b"))
     assert oc.rank(perm) < oc.rank(temp) < oc.rank(verdict)
+
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+
+@given(st.integers(min_value=-1, max_value=999), st.text())
+def test_any_reply_gives_a_clean_bounded_outcome(code, text):
+    got = oc.from_reply(code, text, engine="e", host="h", stage=Stage.RCPT)
+    assert all(c.isprintable() for c in got.reply)
+    assert len(got.reply) <= oc.MAX_TEXT + 20
+    assert got.final is (got.kind is Kind.PERMANENT and (got.enhanced or "").startswith("5.1."))
+    if not 200 <= code < 600:
+        assert got.temporary and got.code is None

@@ -318,3 +318,36 @@ async def test_garbage_reply_is_temporary_and_the_connection_is_dropped():
         await engine.aclose()
         assert first["bob@ok.test"].temporary and first["bob@ok.test"].code is None
         assert second["bob@ok.test"].delivered and fake.connections == 2
+
+
+async def test_smtputf8_message_to_a_server_that_speaks_it():
+    from server.engines.base import Envelope
+    async with FakeSmtp(smtputf8=True) as fake:
+        data = "From: jörg@home.test\r\nTo: jürgen@bücher.test\r\nSubject: ü\r\n\r\nhallo\r\n".encode()
+        engine = _engine(fake, tls="none")
+        got = await engine.deliver(Envelope("Q1", "jörg@home.test", data, smtputf8=True),
+                                   ["jürgen@bücher.test"])
+        await engine.aclose()
+        assert got["jürgen@bücher.test"].delivered, got
+        assert fake.messages[0].recipients == ["jürgen@bücher.test"]
+        assert "SMTPUTF8" in fake.messages[0].options and "BODY=8BITMIME" in fake.messages[0].options
+
+
+async def test_smtputf8_message_to_a_server_that_does_not_is_skipped():
+    from server.engines.base import Envelope
+    async with FakeSmtp(smtputf8=False) as fake:
+        engine = _engine(fake, tls="none")
+        got = await engine.deliver(Envelope("Q1", "jörg@home.test", b"Subject: x\r\n\r\nx\r\n",
+                                            smtputf8=True), ["jürgen@bücher.test"])
+        await engine.aclose()
+        o = got["jürgen@bücher.test"]
+        assert (o.kind, o.final, o.enhanced) == (Kind.PERMANENT, False, "5.6.7")
+        assert "MAIL" not in fake.commands
+
+
+async def test_non_ascii_address_without_smtputf8_is_refused_locally():
+    async with FakeSmtp() as fake:
+        got = await _send(_engine(fake, tls="none"), ["ok@ok.test", "jürgen@bücher.test"])
+        assert got["ok@ok.test"].delivered
+        assert got["jürgen@bücher.test"].permanent and got["jürgen@bücher.test"].enhanced == "5.6.7"
+        assert fake.messages[0].recipients == ["ok@ok.test"]
