@@ -136,32 +136,27 @@ class Relay:
             log.warning("engine %s did not close cleanly", getattr(engine, "name", "?"), exc_info=True)
 
     async def _start_listeners(self) -> None:
-        from server.intake import Intake, networks_policy
+        from server.access import RelayAccess
+        from server.intake import Intake
+        from server.limits import Limits
+        from server.smtp import ListenerError, start_listeners
         cfg = self.config
-        handler = Intake(self.spool, hostname=cfg.hostname, on_accepted=self.scheduler.wake,
-                         may_relay=networks_policy(cfg.relay_networks))
-        self.handler = handler
+        limits = cfg.limits or Limits()
+        # RelaySMTP validates the conversation and applies the DATA policy before the
+        # handler runs, so the intake does not check the content a second time.
+        self.handler = Intake(self.spool, hostname=cfg.hostname, on_accepted=self.scheduler.wake,
+                              may_relay=RelayAccess.from_cidrs(cfg.relay_networks).may_relay,
+                              content_checked=True, hop_limit=limits.hop_limit,
+                              max_header_size=limits.max_header_size)
         try:
-            from server import smtp as hardened
-        except ImportError:
-            hardened = None
-        try:
-            if hardened is not None and hasattr(hardened, "start_listeners"):
-                self.servers = list(await hardened.start_listeners(handler, cfg))
-            else:
-                self.servers = [await self._plain_listener(handler, cfg.listen)]
+            self.servers = list(await start_listeners(self.handler, cfg))
+        except ListenerError as exc:
+            raise StartError(str(exc)) from None
         except OSError as exc:
-            raise StartError(f"cannot listen on {cfg.listen}: {exc.strerror or exc}") from None
+            raise StartError(f"cannot listen on {cfg.listen}"
+                             f"{' or ' + str(cfg.listen_tls) if cfg.listen_tls else ''}: "
+                             f"{exc.strerror or exc}") from None
         self.addresses = [Address(*s.getsockname()[:2]) for srv in self.servers for s in srv.sockets]
-
-    async def _plain_listener(self, handler, addr: Address) -> asyncio.AbstractServer:
-        from aiosmtpd.smtp import SMTP
-        cfg = self.config
-        loop = asyncio.get_running_loop()
-        return await loop.create_server(
-            lambda: SMTP(handler, hostname=cfg.hostname, ident="routedsl", data_size_limit=cfg.max_size,
-                         enable_SMTPUTF8=True, loop=loop),
-            host=addr.host, port=addr.port)
 
     # -- run and stop --------------------------------------------------------------
     def install_signals(self) -> None:

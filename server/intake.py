@@ -16,11 +16,11 @@ It never speaks SMTP to the next hop and never decides routes: the scheduler doe
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
-import re
-from email.utils import formatdate
-from typing import Any, Callable, Iterable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
+
+from server import hygiene
+from server.access import RelayAccess
 
 log = logging.getLogger("routedsl.intake")
 
@@ -29,76 +29,12 @@ RELAY_DENIED = "554 5.7.1 Relay access denied"
 WRITE_ERROR = "451 4.3.0 Error: queue file write error, try again later"
 DISK_FULL = "452 4.3.1 Insufficient system storage, try again later"
 INTERNAL_ERROR = "451 4.3.0 Internal error, try again later"
-TOO_MANY_HOPS = "554 5.4.6 Too many hops (mail loop?)"
-MAX_HOPS = 50
 
 _FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 class Spool(Protocol):
     async def accept(self, sender: str, recipients: list[str], data: bytes, *, smtputf8: bool = False) -> Any: ...
-
-
-def loopback_only(peer_ip: str, user: Optional[str]) -> bool:
-    """The default relay permission: loopback clients, or anyone who authenticated."""
-    return user is not None or _in_networks(peer_ip, _LOOPBACK)
-
-
-_LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
-
-
-def _in_networks(ip: str, networks: Iterable[ipaddress._BaseNetwork]) -> bool:
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return any(addr.version == n.version and addr in n for n in networks)
-
-
-def networks_policy(cidrs: Iterable[str]) -> Callable[[str, Optional[str]], bool]:
-    """Relay permission for the given networks (replacing the loopback default) or an authenticated user."""
-    nets = tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
-    return lambda ip, user: user is not None or _in_networks(ip, nets)
-
-
-# --- DATA hygiene --------------------------------------------------------------------
-# server/hygiene.py owns the content policy; these fallbacks keep the relay safe
-# (G6: no bare CR/LF or NUL ever leaves as a line end) when it is not installed.
-
-_LINE_ENDS = re.compile(rb"\r\n|\r|\n")
-_RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
-_SAFE_TOKEN = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
-
-
-def _normalise(data: bytes) -> bytes:
-    return _LINE_ENDS.sub(b"\r\n", data.replace(b"\x00", b""))
-
-
-def _hop_count(data: bytes) -> int:
-    end = data.find(b"\r\n\r\n")
-    headers = data if end < 0 else data[: end + 2]
-    return len(_RECEIVED.findall(headers))
-
-
-def _token(text: Optional[str], limit: int = 255) -> str:
-    cleaned = _SAFE_TOKEN.sub("", text or "")[:limit]
-    return cleaned or "unknown"
-
-
-def received_header(*, helo: Optional[str], peer_ip: str, hostname: str, protocol: str,
-                    recipient: Optional[str], when: Optional[float] = None) -> bytes:
-    """One `Received:` header (RFC 5321 §4.4) from sanitised values only, CRLF-terminated."""
-    for_clause = ""
-    if recipient is not None:
-        local, _, domain = recipient.rpartition("@")
-        addr = f"{_token(local, 64)}@{_token(domain)}" if local else _token(recipient)
-        for_clause = f"\r\n\tfor <{addr}>"
-    line = (f"Received: from {_token(helo)} ([{_token(peer_ip, 45)}])\r\n"
-            f"\tby {_token(hostname)} (routedsl) with {protocol}{for_clause};\r\n"
-            f"\t{formatdate(when, localtime=False)}\r\n")
-    return line.encode("ascii")
 
 
 def _protocol(session: Any, smtputf8: bool) -> str:
@@ -108,6 +44,15 @@ def _protocol(session: Any, smtputf8: bool) -> str:
     if getattr(session, "authenticated", False):
         proto += "A"
     return proto
+
+
+def _tls_version(session: Any) -> Optional[str]:
+    ssl_info = getattr(session, "ssl", None)
+    ssl_object = ssl_info.get("ssl_object") if isinstance(ssl_info, dict) else None
+    try:
+        return ssl_object.version() if ssl_object is not None else None
+    except Exception:
+        return None
 
 
 def _login(session: Any) -> Optional[str]:
@@ -125,13 +70,16 @@ class Intake:
 
     def __init__(self, spool: Spool, *, hostname: str,
                  on_accepted: Callable[[Any], None] = lambda msg: None,
-                 may_relay: Callable[[str, Optional[str]], bool] = loopback_only,
-                 hygiene: Any = None) -> None:
+                 may_relay: Callable[[str, Optional[str]], bool] = RelayAccess().may_relay,
+                 content_checked: bool = False, hop_limit: int = 50,
+                 max_header_size: int = 102_400) -> None:
         self.spool = spool
         self.hostname = hostname
         self.on_accepted = on_accepted
         self.may_relay = may_relay
-        self.hygiene = hygiene
+        self.content_checked = content_checked
+        self.hop_limit = hop_limit
+        self.max_header_size = max_header_size
 
     async def handle_RCPT(self, server, session, envelope, address: str, rcpt_options: list[str]) -> str:
         peer_ip = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
@@ -151,17 +99,20 @@ class Intake:
 
     async def _data(self, session, envelope) -> str:
         peer_ip = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
-        raw = envelope.original_content or b""
-        data = _normalise(raw)
-        if _hop_count(data) > MAX_HOPS:
-            log.warning("refused a message from %s: more than %d Received headers", peer_ip, MAX_HOPS)
-            return TOO_MANY_HOPS
+        data = envelope.original_content or b""
+        if not self.content_checked:
+            cleaned = hygiene.clean_message(data, hop_limit=self.hop_limit,
+                                            max_header_size=self.max_header_size)
+            if isinstance(cleaned, hygiene.Refusal):
+                log.warning("refused a message from %s: %s", peer_ip, cleaned.reply)
+                return cleaned.reply
+            data = cleaned
         sender = "" if envelope.mail_from in (None, "", "<>") else envelope.mail_from
         recipients = list(envelope.rcpt_tos)
         smtputf8 = bool(getattr(envelope, "smtp_utf8", False))
-        header = received_header(
+        header = hygiene.received_header(
             helo=session.host_name, peer_ip=peer_ip, hostname=self.hostname,
-            protocol=_protocol(session, smtputf8),
+            protocol=_protocol(session, smtputf8), tls=_tls_version(session),
             recipient=recipients[0] if len(recipients) == 1 else None)
         try:
             msg = await self.spool.accept(sender, recipients, header + data, smtputf8=smtputf8)

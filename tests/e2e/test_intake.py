@@ -16,7 +16,8 @@ import aiosmtplib
 import pytest
 from aiosmtpd.smtp import SMTP
 
-from server.intake import Intake, networks_policy
+from server.access import RelayAccess
+from server.intake import Intake
 
 
 @dataclass
@@ -115,7 +116,7 @@ async def test_spool_failures_are_temporary_and_reveal_nothing(tmp_path, error, 
 async def test_relay_refused_outside_the_relay_networks(tmp_path):
     spool = DiskSpool(tmp_path)
     server, port = await serve(Intake(spool, hostname="relay.test",
-                                      may_relay=networks_policy(["127.0.0.1/32"])), host="127.0.0.1")
+                                      may_relay=RelayAccess.from_cidrs(["127.0.0.1/32"]).may_relay), host="127.0.0.1")
     try:
         with pytest.raises(aiosmtplib.SMTPRecipientsRefused) as caught:
             await send(port, "a@example.org", ["b@example.net"], MESSAGE, source="127.0.0.2")
