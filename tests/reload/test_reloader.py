@@ -1,0 +1,248 @@
+"""The Reloader over real files in a temporary folder: every way a file gets saved."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from server.reload import Reloader
+from server.snapshot import Snapshot, build_snapshot
+from server.status import read_active
+from tests.reload.conftest import rules, save_atomic, until
+
+ENGINES = ("a = smtp://127.0.0.1:2601 tls none", "b = smtp://127.0.0.1:2602 tls none")
+VIA_A = rules(*ENGINES, rule_lines=("if destination is x.test then try a first",))
+VIA_B = rules(*ENGINES, rule_lines=("if destination is x.test then try b first",))
+BROKEN = rules(*ENGINES, rule_lines=("if destination is x.test then try c first",))
+
+
+def first_engine(snapshot: Snapshot) -> str:
+    return snapshot.table.plan("someone@x.test").engines[0]
+
+
+class Relay:
+    """What the app does with a Reloader: hold the active snapshot, record every swap."""
+
+    def __init__(self, reloader_args: dict) -> None:
+        self.swaps: list[Snapshot] = []
+        self.reloader = Reloader(on_swap=self._swap, **reloader_args)
+        self.active = self.reloader.current
+
+    def _swap(self, snapshot: Snapshot) -> None:
+        self.active = snapshot
+        self.swaps.append(snapshot)
+
+
+@contextlib.asynccontextmanager
+async def watching(path: Path, ctx, *, spool: Path | None = None, initial_text: str | None = None):
+    text = initial_text if initial_text is not None else path.read_text()
+    initial = build_snapshot(text, str(path), ctx)
+    relay = Relay(dict(path=path, ctx=ctx, initial=initial, spool=spool))
+    task = asyncio.create_task(relay.reloader.run())
+    try:
+        await asyncio.wait_for(relay.reloader.ready.wait(), 5)
+        yield relay
+    finally:
+        relay.reloader.stop()
+        await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture
+def rules_file(tmp_path: Path) -> Path:
+    path = tmp_path / "conf" / "routes.rules"
+    path.parent.mkdir()
+    path.write_text(VIA_A)
+    return path
+
+
+def refusals(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "routedsl.reload" and "reload refused" in r.getMessage()]
+
+
+async def test_save_by_rename_goes_live_and_logs_one_line(rules_file, ctx, caplog):
+    caplog.set_level(logging.INFO, logger="routedsl.reload")
+    async with watching(rules_file, ctx) as relay:
+        assert first_engine(relay.active) == "a"
+        save_atomic(rules_file, VIA_B)
+        await until(lambda: first_engine(relay.active) == "b", what="the new rules")
+        assert len(relay.swaps) == 1
+        version = relay.active.version
+    lines = [r.getMessage() for r in caplog.records if "active:" in r.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].startswith(f"rules version {version} active: 2 engines, 1 rules (")
+    assert lines[0].endswith(" ms)")
+
+
+async def test_invalid_file_is_refused_and_the_active_version_stays(rules_file, ctx, caplog):
+    caplog.set_level(logging.INFO, logger="routedsl.reload")
+    async with watching(rules_file, ctx) as relay:
+        kept = relay.active.version
+        save_atomic(rules_file, BROKEN)
+        await until(lambda: refusals(caplog), what="the refusal")
+        message = refusals(caplog)[0]
+        assert f"{rules_file}:3:" in message
+        assert "error[unknown-engine]" in message
+        assert message.endswith(f"reload refused; version {kept} stays active")
+        assert relay.swaps == [] and relay.active.version == kept
+        # The relay keeps following the file: the next good save goes live.
+        save_atomic(rules_file, VIA_B)
+        await until(lambda: first_engine(relay.active) == "b", what="the fixed rules")
+        assert len(refusals(caplog)) == 1
+
+
+async def test_half_written_file_never_goes_live(rules_file, ctx, caplog):
+    # The first half is a valid file on its own (engine `a` only): read too early it
+    # would route everything through `a`. Only the whole file may go live.
+    full = rules(*reversed(ENGINES), rule_lines=("if destination is x.test then try a first",))
+    half = full.split("\n", 1)[0] + "\n"
+    assert build_snapshot(half, "half", ctx).table.engines  # valid on its own
+    async with watching(rules_file, ctx) as relay:
+        with open(rules_file, "w", encoding="utf-8") as handle:
+            handle.write(half)
+            handle.flush()
+            await asyncio.sleep(0.01)   # the writer pauses between the halves
+            handle.write(full[len(half):])
+        await until(lambda: len(relay.active.engines) == 2 and list(relay.active.engines)[0] == "b",
+                    what="the whole file")
+        assert [list(s.engines) for s in relay.swaps] == [["b", "a"]]
+
+
+async def test_half_written_invalid_prefix_is_refused_then_the_whole_file_goes_live(
+        rules_file, ctx, caplog):
+    caplog.set_level(logging.INFO, logger="routedsl.reload")
+    async with watching(rules_file, ctx) as relay:
+        cut = VIA_B.index("then") + 2
+        with open(rules_file, "w", encoding="utf-8") as handle:
+            handle.write(VIA_B[:cut])
+            handle.flush()
+            # A long pause: the watcher reads the half file, refuses it, keeps `a`.
+            await until(lambda: refusals(caplog), what="the half file refused")
+            assert relay.swaps == []
+            handle.write(VIA_B[cut:])
+        await until(lambda: first_engine(relay.active) == "b", what="the whole file")
+
+
+async def test_empty_file_is_refused(rules_file, ctx, caplog):
+    caplog.set_level(logging.INFO, logger="routedsl.reload")
+    async with watching(rules_file, ctx) as relay:
+        kept = relay.active.version
+        rules_file.write_text("")
+        await until(lambda: refusals(caplog), what="the refusal")
+        assert "no-engines" in refusals(caplog)[0]
+        assert relay.active.version == kept and relay.swaps == []
+
+
+async def test_delete_then_recreate(rules_file, ctx, caplog):
+    caplog.set_level(logging.INFO, logger="routedsl.reload")
+    async with watching(rules_file, ctx) as relay:
+        kept = relay.active.version
+        rules_file.unlink()
+        await until(lambda: any("is missing" in r.getMessage() for r in caplog.records),
+                    what="the missing-file warning")
+        assert relay.active.version == kept
+        rules_file.write_text(VIA_B)
+        await until(lambda: first_engine(relay.active) == "b", what="the recreated file")
+        assert len(relay.swaps) == 1
+
+
+async def test_symlink_switched_to_another_target(tmp_path, ctx):
+    for name, text in (("v1", VIA_A), ("v2", VIA_B)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "routes.rules").write_text(text)
+    link = tmp_path / "routes.rules"
+    link.symlink_to(tmp_path / "v1" / "routes.rules")
+    async with watching(link, ctx) as relay:
+        temp_link = tmp_path / ".routes.rules.new"
+        temp_link.symlink_to(tmp_path / "v2" / "routes.rules")
+        os.replace(temp_link, link)   # atomic switch, as deploy tools do
+        await until(lambda: first_engine(relay.active) == "b", what="the new target")
+        # Now the watch follows the new target's folder: an edit there goes live too.
+        save_atomic(tmp_path / "v2" / "routes.rules", VIA_A)
+        await until(lambda: first_engine(relay.active) == "a", what="the edited target")
+        # And an edit of the old target is not the active file any more.
+        save_atomic(tmp_path / "v1" / "routes.rules", BROKEN)
+        (tmp_path / "v1" / "routes.rules").write_text(VIA_B)
+        await relay.reloader.reload_now("probe")
+        assert first_engine(relay.active) == "a"
+
+
+async def test_port_change_builds_a_new_engine_and_retires_the_old(rules_file, ctx):
+    async with watching(rules_file, ctx) as relay:
+        old = relay.active
+        save_atomic(rules_file, VIA_A.replace("2602", "2622"))
+        await until(lambda: relay.swaps, what="the new port")
+        new = relay.active
+        assert new.engines["a"] is old.engines["a"]
+        assert new.engines["b"] is not old.engines["b"]
+        assert new.engines["b"].spec.port == 2622
+
+
+async def test_sighup_rereads_secrets_and_replaces_only_that_engine(rules_file, ctx, monkeypatch):
+    text = rules('a = smtp://127.0.0.1:2601 user "me" password env:RELOAD_TEST_PW', ENGINES[1])
+    monkeypatch.setenv("RELOAD_TEST_PW", "old")
+    rules_file.write_text(text)
+    async with watching(rules_file, ctx) as relay:
+        old = relay.active
+        same = await relay.reloader.reload_now("SIGHUP", force=True)
+        assert same.accepted
+        assert relay.active.engines["a"] is old.engines["a"]
+        monkeypatch.setenv("RELOAD_TEST_PW", "new")
+        result = await relay.reloader.reload_now("SIGHUP", force=True)
+        assert result.accepted and result.swapped
+        assert relay.active.engines["a"] is not old.engines["a"]
+        assert relay.active.engines["b"] is old.engines["b"]
+
+
+async def test_sighup_with_a_missing_secret_keeps_the_active_version(rules_file, ctx, monkeypatch,
+                                                                     caplog):
+    caplog.set_level(logging.INFO, logger="routedsl.reload")
+    text = rules('a = smtp://127.0.0.1:2601 user "me" password env:RELOAD_TEST_PW', ENGINES[1])
+    monkeypatch.setenv("RELOAD_TEST_PW", "old")
+    rules_file.write_text(text)
+    async with watching(rules_file, ctx) as relay:
+        kept = relay.active
+        monkeypatch.delenv("RELOAD_TEST_PW")
+        result = await relay.reloader.reload_now("SIGHUP", force=True)
+        assert not result.accepted and result.version == kept.version
+        assert relay.active is kept
+        assert f"{rules_file}:1:" in result.detail and "missing-secret" in result.detail
+
+
+async def test_request_runs_a_reload_from_sync_code(rules_file, ctx):
+    async with watching(rules_file, ctx) as relay:
+        rules_file.write_text(VIA_B)
+        relay.reloader.request("SIGHUP")
+        await until(lambda: first_engine(relay.active) == "b", what="the SIGHUP reload")
+
+
+async def test_active_version_is_recorded_in_the_spool(rules_file, ctx, tmp_path, caplog):
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    async with watching(rules_file, ctx, spool=spool) as relay:
+        first = read_active(spool)
+        assert first["version"] == relay.active.version
+        assert first["engines"] == ["a", "b"] and first["rules"] == 1
+        assert first["file"] == str(rules_file)
+        save_atomic(rules_file, BROKEN)
+        await until(lambda: read_active(spool).get("last_refused"), what="the refusal noted")
+        assert read_active(spool)["version"] == first["version"]
+        save_atomic(rules_file, VIA_B)
+        await until(lambda: read_active(spool)["version"] == relay.active.version != first["version"],
+                    what="the new version recorded")
+        assert read_active(spool)["last_refused"] is None
+
+
+async def test_a_file_that_is_not_utf8_is_refused_at_the_bad_byte(rules_file, ctx, caplog):
+    caplog.set_level(logging.INFO, logger="routedsl.reload")
+    async with watching(rules_file, ctx) as relay:
+        kept = relay.active.version
+        rules_file.write_bytes(VIA_B.encode().replace(b"x.test", b"x\xe9.test"))
+        await until(lambda: refusals(caplog), what="the refusal")
+        column = VIA_B.splitlines()[2].index("x.test") + 2
+        assert f"{rules_file}:3:{column}: error[bad-encoding]" in refusals(caplog)[0]
+        assert relay.active.version == kept
