@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Hashable, Literal, Optional, Protocol, Sequence
 
 import aiosmtplib
+import aiosmtplib.protocol as _protocol
 
 from server import outcome as oc
 from server.outcome import Outcome, Stage
@@ -285,7 +286,8 @@ async def run_transaction(client: aiosmtplib.SMTP, envelope: Envelope, recipient
         return outcomes, await _reset(client, timeout)
 
     try:
-        response = await client.data(envelope.data, timeout=final_timeout)
+        response = await send_data(client, envelope.data, timeout=timeout,
+                                   final_timeout=final_timeout)
     except aiosmtplib.SMTPResponseException as exc:
         if _garbled(exc):
             return broken(exc, Stage.DATA, accepted)
@@ -309,6 +311,35 @@ async def run_transaction(client: aiosmtplib.SMTP, envelope: Envelope, recipient
         outcomes.update(more)
         return outcomes, reusable
     return outcomes, True
+
+
+async def send_data(client: aiosmtplib.SMTP, data: bytes, *, timeout: float,
+                    final_timeout: float) -> aiosmtplib.SMTPResponse:
+    """DATA with two clocks: the 354 within the command timeout, the reply to the final
+    dot within `final_timeout` (RFC 5321 §4.5.3.2.6: 10 minutes; a short wait there turns
+    slow receivers into duplicates). aiosmtplib's data() has one timeout for both.
+
+    The payload is prepared as aiosmtplib's own data() does: line ends normalized to
+    CRLF, leading dots doubled, then the terminating dot.
+    """
+    start = await client.execute_command(b"DATA", timeout=timeout)
+    if start.code != 354:
+        raise aiosmtplib.SMTPDataError(start.code, start.message)
+    payload = _protocol.PERIOD_REGEX.sub(b"..", _protocol.normalize_message_line_endings(data))
+    protocol = client.protocol
+    if protocol is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    try:
+        protocol.write(payload + b".\r\n")
+        response = await protocol.read_response(timeout=final_timeout)
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+        client.close()  # a late reply must never be paired with a later command
+        raise
+    if response.code != 250:
+        if response.code == 421:
+            client.close()
+        raise aiosmtplib.SMTPDataError(response.code, response.message)
+    return response
 
 
 def _garbled(exc: BaseException) -> bool:

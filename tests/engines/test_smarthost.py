@@ -351,3 +351,34 @@ async def test_non_ascii_address_without_smtputf8_is_refused_locally():
         assert got["ok@ok.test"].delivered
         assert got["jürgen@bücher.test"].permanent and got["jürgen@bücher.test"].enhanced == "5.6.7"
         assert fake.messages[0].recipients == ["ok@ok.test"]
+
+
+async def test_a_server_stalling_before_354_is_given_the_command_timeout_only():
+    async with FakeSmtp() as fake:
+        fake.fail("DATACMD", "stall")
+        got = await asyncio.wait_for(_send(_engine(fake, tls="none", timeout=0.3,
+                                                   final_timeout=60.0)), 10)
+        assert got["bob@ok.test"].temporary and got["bob@ok.test"].enhanced == "4.4.2"
+        assert not fake.messages
+
+
+async def test_data_command_refused_before_354():
+    async with FakeSmtp() as fake:
+        fake.fail("DATACMD", "451", times=1)
+        engine = _engine(fake, tls="none")
+        first = await engine.deliver(envelope(), ["bob@ok.test"])
+        second = await engine.deliver(envelope(), ["bob@ok.test"])
+        await engine.aclose()
+        assert first["bob@ok.test"].temporary and first["bob@ok.test"].code == 451
+        assert second["bob@ok.test"].delivered and fake.connections == 1
+
+
+async def test_dot_stuffing_and_line_ends_reach_the_server_intact():
+    from server.engines.base import Envelope
+    data = b"Subject: dots\r\n\r\n.leading dot\r\n..two\r\nlast line without CRLF"
+    async with FakeSmtp() as fake:
+        engine = _engine(fake, tls="none")
+        got = await engine.deliver(Envelope("Q1", "a@home.test", data), ["bob@ok.test"])
+        await engine.aclose()
+        assert got["bob@ok.test"].delivered
+        assert fake.messages[0].data == data + b"\r\n"

@@ -14,8 +14,9 @@ Fault switches (smtp-sink style), each an action: a reply ("451", "550", "421", 
 "554" or a full reply text such as "550 5.1.1 no such user"), "drop" (close the connection
 without a reply), "stall" (never answer) or "delay SECONDS" (answer normally, but late):
 
-* `fail(command, action, times=None)` for GREETING, EHLO, AUTH, MAIL, RCPT, DATA, RSET
-  (DATA faults answer after the final dot, as a server that refuses the content);
+* `fail(command, action, times=None)` for GREETING, EHLO, AUTH, MAIL, RCPT, DATACMD, DATA,
+  RSET (DATACMD answers the DATA command itself, before 354; DATA answers after the final
+  dot, as a server that refuses the content);
 * `fail_local(local_part, action, at="RCPT")` for one recipient's local part, at RCPT or DATA;
 * "refuse" (nobody listening) is `unused_port()` or a server that was never started.
 
@@ -117,6 +118,14 @@ class _Session(SMTP):
         if first:
             self.fake._transports.add(transport)
             self._fake_transport = transport
+
+    async def smtp_DATA(self, arg: str) -> None:
+        # DATACMD faults answer the DATA command itself, before any 354
+        reply = await self.fake._act(self, self.fake._take("DATACMD"))
+        if reply is not None:
+            await self.push(reply)
+            return
+        await super().smtp_DATA(arg)
 
     def connection_lost(self, error: Optional[Exception]) -> None:
         self.fake._active -= 1
