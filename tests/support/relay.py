@@ -180,6 +180,18 @@ class RelayProcess:
                 raise AssertionError(f"no log line matching {pattern!r} within {timeout}s:\n{self.log}")
             time.sleep(0.02)
 
+    async def await_log(self, pattern: str, timeout: float = 10.0) -> re.Match:
+        """`wait_for_log` for async tests: polls without blocking the test's event loop."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            m = rx.search(self.log)
+            if m:
+                return m
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no log line matching {pattern!r} within {timeout}s:\n{self.log}")
+            await asyncio.sleep(0.02)
+
     def _serving_address(self, mark: int) -> Optional[tuple[str, int]]:
         m = _SERVING.search(self.log_since(mark))
         if not m:
