@@ -294,6 +294,13 @@ def no_route(domain: str, *, engine: str) -> Outcome:
                    engine, None)
 
 
+def bad_domain(domain: str, why: str, *, engine: str) -> Outcome:
+    """A recipient domain that cannot even be a DNS name: a destination verdict."""
+    return Outcome(Kind.PERMANENT, 550, "5.1.2",
+                   f"bad destination domain {clean_text(domain, 255)}: {clean_text(why, 100)}",
+                   engine, None, final=True)
+
+
 def dns_temporary(domain: str, detail: str, *, engine: str) -> Outcome:
     return Outcome(Kind.TEMPORARY, 451, "4.4.3",
                    f"DNS lookup for {clean_text(domain, 255)} failed: {clean_text(detail, 200)}",

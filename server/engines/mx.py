@@ -127,6 +127,10 @@ async def resolve(domain: str, ctx: EngineContext) -> MxResult:
 async def _resolve(domain: str, ctx: EngineContext) -> MxResult:
     resolver = resolver_for(ctx)
     try:
+        dns.name.from_text(domain)
+    except (dns.exception.DNSException, UnicodeError) as exc:
+        return MxResult(domain, outcome=oc.bad_domain(domain, _why(exc), engine=""))
+    try:
         answer = await _query(resolver, domain, "MX")
     except dns.resolver.NXDOMAIN as exc:
         return MxResult(domain, outcome=oc.classify(exc, engine="", host=None, stage=Stage.DNS))
@@ -176,6 +180,8 @@ async def _resolve(domain: str, ctx: EngineContext) -> MxResult:
 
 
 def _why(exc: BaseException) -> str:
+    if isinstance(exc, (dns.name.EmptyLabel, dns.name.LabelTooLong, dns.name.NameTooLong)):
+        return str(exc) or type(exc).__name__
     if isinstance(exc, dns.resolver.NoNameservers):
         return "server failure (SERVFAIL)"
     if isinstance(exc, dns.exception.Timeout):

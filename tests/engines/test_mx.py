@@ -141,3 +141,13 @@ async def test_mx_names_for_rules():
         assert await mx_names("nowhere.test", ctx) == ()
         server.fail("down.test", "servfail")
         assert await mx_names("down.test", ctx) == ()
+
+
+async def test_a_domain_that_cannot_be_a_dns_name_is_final():
+    async with DnsServer(ZONES) as server:
+        ctx = context(server.nameserver)
+        for bad in ("a..b", "x" * 64 + ".test", ("abc." * 70) + "test"):
+            got = await resolve(bad, ctx)
+            assert got.outcome is not None and got.outcome.final, bad
+            assert got.outcome.enhanced == "5.1.2"
+        assert sum(server.queries.values()) == 0
