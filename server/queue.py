@@ -599,6 +599,9 @@ class Spool:
         out = []
         for p in sorted(self.control_dir.glob("*.req")):
             name = p.name.removesuffix(".req")
+            if not _REQ_RE.match(name):
+                self._quarantine(p, "not a control request name")
+                continue
             try:
                 obj = json.loads(p.read_bytes())
                 op, qid = obj["op"], obj.get("id")

@@ -192,3 +192,37 @@ def test_control_requests_round_trip(spool: Spool) -> None:
     assert result == (True, "did retry")
     assert answers[0].op == "retry" and answers[0].id is None
     assert list(spool.control_dir.iterdir()) == []
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from server.queue import RecipientState  # noqa: E402
+
+_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
+_address = st.builds(lambda a, b: f"{a}@{b}", st.text("abcxyz.-_+é", min_size=1, max_size=12),
+                     st.text("abc.-", min_size=1, max_size=12))
+
+
+@settings(max_examples=80, deadline=None)
+@given(recipients=st.lists(st.builds(RecipientState, _address, st.sampled_from(["pending", "delivered", "failed"]),
+                                     st.lists(st.tuples(_text, _text), max_size=3, unique_by=lambda t: t[0]).map(tuple),
+                                     st.none() | st.just("4.4.1"), st.none() | _text),
+                           min_size=1, max_size=5, unique_by=lambda r: r.address),
+       attempts=st.integers(0, 10_000), next_attempt=st.floats(0, 4e9), notified=st.booleans())
+def test_state_json_round_trips(recipients, attempts, next_attempt, notified) -> None:
+    state = MessageState(id="0000018C2F3A4B5C6D7E", recipients=tuple(recipients), first_arrival=1.5e9,
+                         attempts=attempts, next_attempt=next_attempt, delay_notified=notified)
+    text = json.dumps(state.to_json(), ensure_ascii=True)
+    assert MessageState.from_json(json.loads(text)) == state
+
+
+def test_bad_control_requests_are_answered_or_quarantined(spool: Spool) -> None:
+    (spool.control_dir / "good-name.req").write_text('{"op": "delete"}')     # delete needs an id
+    (spool.control_dir / "worse.req").write_text('{"op": "retry", "id": "../../etc"}')
+    (spool.control_dir / "bad name!.req").write_text('{"op": "retry"}')
+    assert spool.requests() == []
+    for name in ("good-name", "worse"):
+        answer = json.loads((spool.control_dir / f"{name}.res").read_text())
+        assert answer["ok"] is False and "bad request" in answer["message"]
+    assert sorted(p.name for p in spool.control_dir.iterdir()) == ["good-name.res", "worse.res"]
+    assert [p.name.split(".req")[0] for p in spool.corrupt_dir.iterdir()] == ["bad name!"]
