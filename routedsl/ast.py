@@ -59,13 +59,10 @@ class Value:
 
 @dataclass(frozen=True, slots=True)
 class Name:
-    """An engine name as written (compare with .key, which is lower-cased)."""
-    text: str
+    """An engine name: `key` is lower-cased (names are case-insensitive), `text` as written."""
+    key: str
+    text: str = field(default="", compare=False)
     span: Span = field(default=NOWHERE, compare=False)
-
-    @property
-    def key(self) -> str:
-        return self.text.lower()
 
     def __str__(self) -> str:
         return self.key

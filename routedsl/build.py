@@ -112,27 +112,31 @@ class AstBuilder(Transformer):
     def group(self, items: list[Any]) -> Any:
         return items[1]
 
-    def and_(self, items: list[Any]) -> A.And:
+    def and_(self, items: list[Any]) -> Any:
         ops: list[Any] = []
         for it in items:
             if isinstance(it, A.And):
                 ops.extend(it.operands)
             elif not isinstance(it, Token):
                 ops.append(it)
+        if len(ops) == 1:          # a lone operand: the rule's `?` inlining does not apply to aliases
+            return ops[0]
         return A.And(tuple(ops), span_of(items))
 
-    def or_(self, items: list[Any]) -> A.Or:
+    def or_(self, items: list[Any]) -> Any:
         ops: list[Any] = []
         for it in items:
             if isinstance(it, A.Or):
                 ops.extend(it.operands)
             elif not isinstance(it, Token):
                 ops.append(it)
+        if len(ops) == 1:          # a lone operand: the rule's `?` inlining does not apply to aliases
+            return ops[0]
         return A.Or(tuple(ops), span_of(items))
 
     # ---- statements
     def engine_list(self, items: list[Token]) -> tuple[A.Name, ...]:
-        return tuple(A.Name(str(t), token_span(t)) for t in _words(items, "WORD"))
+        return tuple(A.Name(str(t).lower(), str(t), token_span(t)) for t in _words(items, "WORD"))
 
     def seed_phrase(self, items: list[Token]) -> None:
         return None
@@ -158,7 +162,7 @@ class AstBuilder(Transformer):
         return A.Option("max size", val, is_ref, span_of([items[0], val]), span_of(items[:2]))
 
     def engine_decl(self, items: list[Any]) -> A.EngineDecl:
-        name = A.Name(str(items[1]), token_span(items[1]))
+        name = A.Name(str(items[1]).lower(), str(items[1]), token_span(items[1]))
         opts = tuple(i for i in items[4:] if isinstance(i, A.Option))
         return A.EngineDecl(name, items[3], opts, span_of(items))
 

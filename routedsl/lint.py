@@ -86,14 +86,16 @@ def _resolve_engine(decl: A.EngineDecl, rep: Reporter) -> Optional[EngineSpec]:
         kind, host = url.kind, url.host
         port = url.port or (465 if kind == "smtps" else 25)
     opts: dict[str, A.Option] = {}
+    unknown = False
     for opt in decl.options:
         if opt.key not in OPTIONS:
+            unknown = True
             rep.error(opt.key_span, "unknown-option", f"engine option '{opt.key}' does not exist",
                       did_you_mean(opt.key, OPTIONS) or "options: " + ", ".join(OPTIONS))
             ok = False
         elif opt.key in opts:
             rep.error(opt.key_span, "duplicate-option", f"option '{opt.key}' is already given for this engine",
-                      f"it is first given on line {opts[opt.key].span.line}")
+                      _where(opts[opt.key].span, opt.span))
             ok = False
         else:
             opts[opt.key] = opt
@@ -178,10 +180,10 @@ def _resolve_engine(decl: A.EngineDecl, rep: Reporter) -> Optional[EngineSpec]:
             rep.error(opts["port"].key_span, "bad-value", "'port' is for direct engines; a smarthost's port goes in its URL",
                       f"write: {kind}://{host}:{opts['port'].value.text}")
             ok = False
-        if password is not None and user is None:
+        if password is not None and user is None and not unknown:
             rep.error(popt.key_span, "bad-value", "a password needs a user", 'add: user "LOGIN"')  # type: ignore[union-attr]
             ok = False
-        if user is not None and password is None and popt is None:
+        if user is not None and password is None and popt is None and not unknown:
             rep.error(opts["user"].key_span, "bad-value", "a user needs a password",
                       "add: password env:VAR (or file:PATH)")
             ok = False
@@ -216,6 +218,12 @@ def _resolve_engine(decl: A.EngineDecl, rep: Reporter) -> Optional[EngineSpec]:
         max_size=values.get("max size"),  # type: ignore[arg-type]
         line=decl.span.line,
     )
+
+
+def _where(first: A.Span, here: A.Span) -> str:
+    if first.line == here.line:
+        return f"it is first given at column {first.column}"
+    return f"it is first given on line {first.line}"
 
 
 # ---------------------------------------------------------------- rules and expectations
@@ -404,7 +412,8 @@ def shadowed_and_no_effect(rf: A.RulesFile, order: tuple[str, ...], rep: Reporte
         lines = _covering(cover, rule.condition)
         if lines:
             rep.warning(rule.span, "shadowed-rule",
-                        f"this rule can never match: {_lines(lines)} already takes every message it would",
+                        f"this rule can never match: {_lines(lines)} already "
+                        f"{'takes' if len(set(lines)) == 1 else 'take'} every message it would",
                         "move it above that rule, or remove it")
         elif plan_of(rule.action, order) == order:
             rep.warning(rule.action.span, "no-effect",
@@ -432,5 +441,6 @@ def run_expects(rf: A.RulesFile, table: "object", rep: Reporter) -> None:
             why = (f"decided by line {decision.rule.line}: {decision.rule.text}" if decision.rule
                    else "no rule matched: the plan is the declared engine order")
             rep.error(exp.span, "expect-failed",
-                      f"mail to {exp.to.text} goes via {', '.join(decision.engines)}, expected {', '.join(want)}",
+                      f"mail to {exp.to.text}: expected {', '.join(want)}; "
+                      f"the rules give {', '.join(decision.engines)}",
                       why)

@@ -192,9 +192,9 @@ def _expected_words(expected: set[str]) -> str:
 
 def _describe(tok: Token) -> str:
     if tok.type == "_NL":
-        return "the end of the line"
+        return "end of line"
     if tok.type == "$END":
-        return "the end of the file"
+        return "end of file"
     return f"'{printable(str(tok), 40)}'"
 
 
