@@ -72,7 +72,11 @@ class Engine(Protocol):
 
 
 def build_engine(spec: "EngineSpec", secret: Optional[str], ctx: EngineContext) -> Engine:
-    """The engine for one declaration. `secret` is the resolved password (server.secrets)."""
+    """The engine for one declaration. `secret` is the resolved password (server.secrets).
+
+    Opens nothing: connections are made on the first delivery. Raises ValueError for an
+    unknown kind and OSError (ssl.SSLError) when `ctx.ca_file` cannot be loaded.
+    """
     if spec.kind == "direct":
         from server.engines.direct import DirectEngine
         return DirectEngine(spec, ctx)
