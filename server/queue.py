@@ -515,7 +515,10 @@ class Spool:
         the commit still completes and the message is registered for delivery: it was never
         acknowledged, so delivering it is at worst a duplicate, never a loss.
         """
-        return await asyncio.shield(self._accept(sender, tuple(recipients), data, smtputf8, kind))
+        task = asyncio.ensure_future(self._accept(sender, tuple(recipients), data, smtputf8, kind))
+        # if the caller is gone, its failure is still logged once, not "never retrieved"
+        task.add_done_callback(_log_orphan_failure)
+        return await asyncio.shield(task)
 
     async def _accept(self, sender: str, recipients: tuple[str, ...], data: bytes,
                       smtputf8: bool, kind: str) -> QueuedMessage:
@@ -636,6 +639,11 @@ class Spool:
         if self._executor is None:
             raise SpoolError(f"spool {self.root} is not open")
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+
+def _log_orphan_failure(task: "asyncio.Future[QueuedMessage]") -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("commit failed: %s", task.exception())
 
 
 def _unlink_quietly(path: Path) -> None:

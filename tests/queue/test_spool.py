@@ -226,3 +226,43 @@ def test_bad_control_requests_are_answered_or_quarantined(spool: Spool) -> None:
         assert answer["ok"] is False and "bad request" in answer["message"]
     assert sorted(p.name for p in spool.control_dir.iterdir()) == ["good-name.res", "worse.res"]
     assert [p.name.split(".req")[0] for p in spool.corrupt_dir.iterdir()] == ["bad name!"]
+
+
+async def test_a_full_disk_fails_the_commit_and_leaves_nothing(spool: Spool, monkeypatch) -> None:
+    import errno
+    import server.queue as queue
+
+    def full(path, chunks):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(queue, "_write_file", full)
+    with pytest.raises(OSError) as err:
+        await spool.accept("a@x.test", ["b@y.test"], DATA)
+    assert err.value.errno == errno.ENOSPC   # the intake answers 452 4.3.1 from this
+    monkeypatch.undo()
+    assert list(spool.msg_dir.iterdir()) == [] and spool.messages() == []
+
+    # the folder fsync failing after the rename: rolled back, never acknowledged, never live
+    def broken_sync(path):
+        raise OSError(errno.EIO, "I/O error")
+    monkeypatch.setattr(queue, "fsync_dir", broken_sync)
+    with pytest.raises(OSError):
+        await spool.accept("a@x.test", ["b@y.test"], DATA)
+    with pytest.raises(OSError):
+        spool.put("a@x.test", ["b@y.test"], DATA)
+    monkeypatch.undo()
+    assert list(spool.msg_dir.iterdir()) == [] and spool.messages() == []
+    msg = await spool.accept("a@x.test", ["b@y.test"], DATA)   # and it works again afterwards
+    assert spool.read_data(msg.id) == DATA
+
+
+def test_write_file_removes_its_temp_file_on_error(tmp_path: Path) -> None:
+    import server.queue as queue
+
+    def chunks():
+        yield b"some"
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        queue._write_file(tmp_path / "t", chunks())
+    assert list(tmp_path.iterdir()) == []
