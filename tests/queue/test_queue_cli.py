@@ -112,6 +112,11 @@ async def test_list_retry_delete_while_the_relay_runs(tmp_path: Path) -> None:
             code, _, err = await asyncio.to_thread(run, "delete", drop.id, "--spool", str(tmp_path))
             assert code == 1 and "no message" in err
 
+            # retry --all: the relay tries again at once (and it fails again, still 451)
+            code, out, err = await asyncio.to_thread(run, "retry", "--all", "--spool", str(tmp_path))
+            assert code == 0 and "1 message(s) scheduled" in out, err
+            await until(lambda: spool.state(keep.id).attempts == 2, what="a second attempt")
+
             sink.heal()
             code, out, err = await asyncio.to_thread(run, "retry", keep.id, "--spool", str(tmp_path))
             assert code == 0 and "scheduled for delivery now" in out
