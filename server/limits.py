@@ -34,6 +34,10 @@ class Limits:
     # (smtpd_junk_command_limit 100). Over: 421 4.7.0 and close.
     max_commands: int = 10_000
     max_junk_commands: int = 100
+    # Error replies per session (smtpd_hard_error_limit 20): then 421 4.7.0 and close.
+    # `452 4.5.3` for recipients over the limit counts only beyond a second max_recipients
+    # (smtpd_recipient_overshoot_limit), so a large mailing still gets to DATA.
+    max_errors: int = 20
     # Octets per line of a command or of DATA, CRLF included (RFC 5321 4.5.3.1.6: 1000).
     max_line_length: int = 1000
     # The header section of a message (header_size_limit 102400). Over: 552 5.3.4.
@@ -101,6 +105,7 @@ _FLAGS = (
     ("--max-recipients", "max_recipients", _count, "recipients per message (then 452 4.5.3)"),
     ("--max-commands", "max_commands", _count, "commands per session"),
     ("--max-junk-commands", "max_junk_commands", _count, "NOOP, RSET, VRFY, HELP, EXPN per session"),
+    ("--max-errors", "max_errors", _count, "error replies per session before it is closed"),
     ("--max-line-length", "max_line_length", _count, "octets per line, CRLF included"),
     ("--max-header-size", "max_header_size", parse_size, "size of a message's header section"),
     ("--hop-limit", "hop_limit", _count, "Received headers a message may carry"),
@@ -147,7 +152,7 @@ def _error(message: str) -> ValueError:
 
 def validate(limits: Limits) -> None:
     """Refuse bounds that would make the server unusable, with the flag's name."""
-    positive = ("max_connections", "max_connections_per_ip", "max_recipients", "max_commands",
+    positive = ("max_connections", "max_connections_per_ip", "max_recipients", "max_commands", "max_errors",
                 "max_line_length", "max_header_size", "hop_limit", "idle_timeout", "session_timeout",
                 "max_auth_failures", "max_auth_failures_per_ip")
     for name in positive:

@@ -163,6 +163,8 @@ class RelaySMTP(SMTP):
         self._commands = 0
         self._junk = 0
         self._auth_failures = 0
+        self._errors = 0
+        self._overshoot = 0
         for name, method in list(self._smtp_methods.items()):
             self._smtp_methods[name] = self._counted(name, method)
 
@@ -223,6 +225,23 @@ class RelaySMTP(SMTP):
     def _session_expired(self) -> None:
         log.info("%s: session time limit reached", self.peer_ip)
         self._say_and_close(f"421 4.4.2 {self.hostname} Error: session time limit exceeded")
+
+    async def push(self, status: Any) -> None:
+        await super().push(status)
+        if self.transport is None:
+            return
+        text = status.decode("ascii", "replace") if isinstance(status, bytes) else str(status)
+        if not text[:1] in ("4", "5") or text.startswith("421"):
+            return
+        if text.startswith("452 4.5.3"):
+            # Recipients over the limit are expected of big mailings; only a flood counts.
+            self._overshoot += 1
+            if self._overshoot <= self.limits.max_recipients:
+                return
+        self._errors += 1
+        if self._errors >= self.limits.max_errors:
+            log.warning("%s: %d error replies; closing", self.peer_ip, self._errors)
+            await self._close_with("421 4.7.0 Error: too many errors")
 
     async def _close_with(self, reply: str) -> None:
         await self.push(reply)

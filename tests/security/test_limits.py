@@ -246,3 +246,38 @@ async def test_internal_errors_answer_451_without_details(relays):
     assert code(reply) == "452 4.3.1" and b"/var/spool" not in reply
     assert code(await client.cmd(b"NOOP")) == "250"
     await client.close()
+
+
+async def test_error_replies_are_limited_per_session(relays):
+    relay = await relays(limits=Limits(max_errors=5), relay_networks=("192.0.2.0/24",))
+    client = await ready(relay)
+    await client.cmd(b"MAIL FROM:<a@x.test>")
+    replies = [code(await client.cmd(b"RCPT TO:<probe%d@y.test>" % i)) for i in range(4)]
+    assert replies == ["554 5.7.1"] * 4
+    assert await last_error_then_421(client, b"RCPT TO:<probe@y.test>") == "554 5.7.1"
+
+
+async def last_error_then_421(client: Client, line: bytes) -> str:
+    """Send `line`; its reply must be followed by 421 4.7.0 and the close. Returns the first reply's code."""
+    reply = await client.cmd(line)
+    first = reply.split(b"\r\n")[0]
+    if b"\r\n421 " not in reply:
+        reply = await client.reply()
+    assert code(reply) == "421 4.7.0"
+    assert await client.closed()
+    return code(first + b"\r\n")
+
+
+async def test_recipient_overshoot_is_tolerated_then_counted_as_errors(relays):
+    relay = await relays(limits=Limits(max_recipients=2, max_errors=3))
+    client = await ready(relay)
+    await client.cmd(b"MAIL FROM:<a@x.test>")
+    replies = [code(await client.cmd(b"RCPT TO:<r%d@y.test>" % i)) for i in range(6)]
+    assert replies == ["250 2.1.5"] * 2 + ["452 4.5.3"] * 4   # 2 tolerated, 2 errors so far
+    await client.cmd(b"DATA")
+    await client.send(MESSAGE)
+    assert code(await client.reply()) == "250 2.0.0"          # the accepted ones are delivered
+    await client.cmd(b"MAIL FROM:<a@x.test>")
+    assert code(await client.cmd(b"RCPT TO:<q@y.test>")) == "250 2.1.5"
+    assert code(await client.cmd(b"RCPT TO:<q2@y.test>")) == "250 2.1.5"
+    assert await last_error_then_421(client, b"RCPT TO:<q3@y.test>") == "452 4.5.3"
