@@ -382,3 +382,19 @@ async def test_dot_stuffing_and_line_ends_reach_the_server_intact():
         await engine.aclose()
         assert got["bob@ok.test"].delivered
         assert fake.messages[0].data == data + b"\r\n"
+
+
+async def test_421_in_the_middle_fails_everyone_temporarily():
+    async with FakeSmtp() as fake:
+        fake.fail_local("second", "421")
+        got = await _send(_engine(fake, tls="none"), ["first@ok.test", "second@ok.test", "third@ok.test"])
+        assert {(o.kind, o.final) for o in got.values()} == {(Kind.TEMPORARY, False)}
+        assert not fake.messages
+
+
+async def test_no_user_means_no_auth_and_tls_none_means_no_starttls():
+    async with FakeSmtp(tls="starttls", auth=(USER, PASSWORD)) as fake:
+        got = await _send(_engine(fake, tls="none"))
+        assert got["bob@ok.test"].delivered
+        assert not any(c.startswith("AUTH") or c == "STARTTLS" for c in fake.commands)
+        assert not fake.messages[0].tls
