@@ -237,10 +237,12 @@ class Scheduler:
         self._locks[qid] = asyncio.Lock()
         groups = await self._plan(snap, msg, pending)
         only_group = len(groups) == 1
-        walks = await asyncio.gather(*(
-            self._walk(snap, msg, data, engines, rcpts, rules, only_group)
-            for engines, (rcpts, rules) in groups.items()))
-        results = [w for group in walks for w in group]
+        # a TaskGroup: if one group's step fails (e.g. its state cannot be written), the other
+        # groups are cancelled too, so no walk outlives the attempt that a retry will repeat
+        async with asyncio.TaskGroup() as tg:
+            walks = [tg.create_task(self._walk(snap, msg, data, engines, rcpts, rules, only_group))
+                     for engines, (rcpts, rules) in groups.items()]
+        results = [w for task in walks for w in task.result()]
         await self._conclude(msg, data, results)
 
     async def _plan(self, snap: "Snapshot", msg: QueuedMessage, pending: Sequence[str]
