@@ -291,3 +291,29 @@ async def test_a_smarthost_that_fails_as_a_whole_is_skipped_for_a_while(tmp_path
         # the first message found it dead; the four after it went straight to the next engine
         assert dead.connections == 1
         assert len(good.messages) == 5
+
+
+async def test_with_a_compiled_rules_file(tmp_path: Path, caplog) -> None:
+    import routedsl
+    caplog.set_level(logging.INFO, logger="routedsl.scheduler")
+    async with FakeSmtp() as a, FakeSmtp() as b:
+        text = (f"engine a = smtp://127.0.0.1:{a.port} tls none\n"
+                f"engine b = smtp://127.0.0.1:{b.port} tls none\n"
+                "if destination is aol.test then try b first\n"
+                "if from is <> then use only a\n")
+        table = routedsl.compile_text(text)
+        engines = {"a": smarthost("a", a.port, CTX), "b": smarthost("b", b.port, CTX)}
+        b.fail_local("nobody", "550")
+        async with running(tmp_path, table, engines) as (sched, spool):
+            msg = await spool.accept("alice@home.test", ["x@aol.test", "y@ok.test", "nobody@aol.test"], MESSAGE)
+            sched.wake(msg)
+            await b.wait_for(1)
+            await a.wait_for(2)                      # y@ok.test by default order, then the bounce
+            await until(lambda: not spool.messages())
+        assert b.messages[0].recipients == ["x@aol.test"]
+        plain, bounce = sorted(a.messages, key=lambda m: m.sender == "")
+        assert plain.recipients == ["y@ok.test"] and bounce.sender == ""
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(f"{msg.id} to=<x@aol.test>,<nobody@aol.test> engine=b rule=routes.rules:3 rules={table.version}" in line
+               for line in lines), lines
+    assert any("engine=a rule=routes.rules:4" in line for line in lines)   # the bounce, by `from is <>`
