@@ -349,7 +349,15 @@ class RelaySMTP(SMTP):
         elif words[0].upper() not in ("PLAIN", "LOGIN"):
             await self.push("504 5.5.4 Unrecognized authentication type")
         else:
-            await super().smtp_AUTH(" ".join([words[0].upper(), *words[1:]]))
+            mechanism = words[0].upper()
+            method = self.auth_PLAIN if mechanism == "PLAIN" else self.auth_LOGIN
+            result = await method(self, [mechanism, *words[1:]])
+            if result.success:
+                self.session.authenticated = True
+                self.session.auth_data = result.auth_data
+                await self.push("235 2.7.0 Authentication successful")
+            elif not result.handled:
+                await self.push(result.message or "535 5.7.8 Authentication credentials invalid")
 
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
         if len(args) == 1:

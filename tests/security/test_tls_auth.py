@@ -212,3 +212,19 @@ async def test_garbage_instead_of_a_tls_handshake_leaves_the_relay_serving(relay
     other = await Client.connect(relay.port)
     assert code(await other.cmd(b"EHLO c.test")) == "250"
     await other.close()
+
+
+async def test_credentials_never_reach_the_log(relays, users_file, server_tls, client_tls, caplog):
+    caplog.set_level("DEBUG")
+    relay = await relays(users=users_file, tls=server_tls)
+    client = await tls_session(relay, client_tls)
+    await client.cmd(b"EHLO c.test")
+    assert code(await client.cmd(plain("alice", "wrong horse"))) == "535 5.7.8"
+    assert code(await client.cmd(b"AUTH LOGIN " + base64.b64encode(b"alice"))) == "334"
+    assert code(await client.cmd(base64.b64encode(b"right horse"))) == "235 2.7.0"
+    await client.close()
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "alice" in text   # the login is logged, the secrets are not
+    for secret in ("wrong horse", "right horse", plain("alice", "wrong horse")[11:].decode(),
+                   base64.b64encode(b"right horse").decode()):
+        assert secret not in text
