@@ -61,7 +61,7 @@ class FileUnstable(Exception):
     """The file kept changing while it was read; a later event will bring it back."""
 
 
-def read_stable(path: str | os.PathLike[str], settle: float = 0.1,
+def read_stable(path: str | os.PathLike[str], settle: float = 0.05,
                 deadline: float = 3.0) -> tuple[bytes, Fingerprint]:
     """Read the whole file once it has been quiet for `settle` seconds (blocking).
 
@@ -155,7 +155,7 @@ class Reloader:
     def __init__(self, path: str | os.PathLike[str], ctx: "EngineContext",
                  on_swap: Callable[[Snapshot], None], initial: Snapshot, *,
                  spool: str | os.PathLike[str] | None = None,
-                 settle: float = 0.1, step_ms: int = 50, debounce_ms: int = 400,
+                 settle: float = 0.05, step_ms: int = 50, debounce_ms: int = 400,
                  poll_interval_ms: int = 250) -> None:
         self.path = Path(path)
         self.ctx = ctx
