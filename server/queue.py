@@ -339,6 +339,7 @@ class Spool:
         self._lock_fd: Optional[int] = None
         self._messages: dict[str, QueuedMessage] = {}
         self._states: dict[str, MessageState] = {}
+        self._bytes = 0
         self._msg_sync: Optional[_GroupSync] = None
         self._state_sync: Optional[_GroupSync] = None
 
@@ -394,6 +395,7 @@ class Spool:
             _unlink_quietly(p)
         self._messages.clear()
         self._states.clear()
+        self._bytes = 0
         for p in sorted(self.msg_dir.iterdir()):
             if not is_queue_id(p.name) or not p.is_file():
                 self._quarantine(p, "not a queue file name")
@@ -404,7 +406,7 @@ class Spool:
                 self._quarantine(p, f"torn or unreadable message: {exc}")
                 _unlink_quietly(self.state_dir / f"{p.name}.json")
                 continue
-            self._messages[msg.id] = msg
+            self._register(msg)
         for p in sorted(self.state_dir.iterdir()):
             qid = p.name.removesuffix(".json")
             msg = self._messages.get(qid)
@@ -441,6 +443,15 @@ class Spool:
         log.error("quarantined %s to %s: %s", path.relative_to(self.root), dest.name, why)
 
     # -- reading
+
+    def __len__(self) -> int:
+        """How many messages wait (cheap: for queue-size limits and status)."""
+        return len(self._messages)
+
+    @property
+    def total_bytes(self) -> int:
+        """The summed size of the waiting messages' data."""
+        return self._bytes
 
     def messages(self) -> list[QueuedMessage]:
         return sorted(self._messages.values(), key=lambda m: (m.arrival, m.id))
@@ -536,10 +547,14 @@ class Spool:
         _unlink_quietly(self.msg_dir / qid)
 
     def _register(self, msg: QueuedMessage) -> None:
+        if msg.id not in self._messages:
+            self._bytes += msg.size
         self._messages[msg.id] = msg
 
     def _forget(self, qid: str) -> None:
-        self._messages.pop(qid, None)
+        msg = self._messages.pop(qid, None)
+        if msg is not None:
+            self._bytes -= msg.size
         self._states.pop(qid, None)
 
     # -- state

@@ -66,6 +66,9 @@ async def test_accept_group_commit_many_at_once(spool: Spool) -> None:
     assert {m.id for m in spool.messages()} == {m.id for m in msgs}
     for i, m in enumerate(msgs):
         assert spool.read_data(m.id) == DATA + bytes([65 + i % 26])
+    assert len(spool) == 50 and spool.total_bytes == sum(m.size for m in msgs)
+    await spool.finish(msgs[0].id)
+    assert len(spool) == 49 and spool.total_bytes == sum(m.size for m in msgs[1:])
 
 
 async def test_accept_survives_the_caller_being_cancelled(spool: Spool) -> None:
