@@ -57,6 +57,9 @@ class Limits:
     max_auth_failures_per_ip: int = 10
     auth_failure_window: float = 60.0
     auth_failure_delay: float = 1.0
+    # Message data all sessions together may hold in memory while DATA is read (aiosmtpd keeps
+    # a message in memory, A14); never less than one message of the size limit. Over: 451 4.3.2.
+    max_data_memory: int = 128 * 1024 * 1024
     # Free space the spool must keep at MAIL; None = 1.5 x the message size limit. Under: 452 4.3.1.
     disk_reserve: Optional[int] = None
 
@@ -117,6 +120,8 @@ _FLAGS = (
      "failed logins per client IP per --auth-failure-window"),
     ("--auth-failure-window", "auth_failure_window", parse_duration, "window of the per-IP login failure count"),
     ("--auth-failure-delay", "auth_failure_delay", parse_duration, "delay before answering a failed login"),
+    ("--max-data-memory", "max_data_memory", parse_size,
+     "message data held in memory by all sessions together (at least --max-size)"),
     ("--disk-reserve", "disk_reserve", parse_size, "free spool space needed to accept MAIL (default 1.5 x --max-size)"),
 )
 
@@ -154,7 +159,7 @@ def validate(limits: Limits) -> None:
     """Refuse bounds that would make the server unusable, with the flag's name."""
     positive = ("max_connections", "max_connections_per_ip", "max_recipients", "max_commands", "max_errors",
                 "max_line_length", "max_header_size", "hop_limit", "idle_timeout", "session_timeout",
-                "max_auth_failures", "max_auth_failures_per_ip")
+                "max_auth_failures", "max_auth_failures_per_ip", "max_data_memory")
     for name in positive:
         if getattr(limits, name) <= 0:
             raise _error(f"--{name.replace('_', '-')} must be more than 0")

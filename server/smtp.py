@@ -132,12 +132,46 @@ class AuthLimiter:
         self._failures.setdefault(ip, collections.deque()).append(self.clock())
 
 
+class DataBudget:
+    """Bytes of message data that all sessions together hold in memory (aiosmtpd buffers
+    a whole message; without a shared bound, concurrent large messages exhaust memory)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerState:
+    """What all listeners of one relay share: the connection counts, the AUTH failures per IP,
+    the message data in memory."""
+    gate: ConnectionGate
+    auth_limiter: AuthLimiter
+    data_budget: DataBudget
+
+
+def listener_state(limits: Limits, max_size: int) -> ListenerState:
+    return ListenerState(
+        gate=ConnectionGate(limits.max_connections, limits.max_connections_per_ip),
+        auth_limiter=AuthLimiter(limits.max_auth_failures_per_ip, limits.auth_failure_window),
+        data_budget=DataBudget(max(limits.max_data_memory, max_size)))
+
+
 class RelaySMTP(SMTP):
     """One SMTP session of the relay: aiosmtpd's protocol with the relay's rules and bounds."""
 
     def __init__(self, handler: Any, *, limits: Limits, access: RelayAccess, hostname: str,
                  max_size: int, gate: ConnectionGate, auth_limiter: AuthLimiter,
-                 users: Any = None, tls_context: Optional[ssl.SSLContext] = None,
+                 data_budget: Optional[DataBudget] = None, users: Any = None, tls_context: Optional[ssl.SSLContext] = None,
                  implicit_tls: bool = False, free_space: Optional[Callable[[], Optional[int]]] = None,
                  loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
         # aiosmtpd sizes its StreamReader from this attribute: the line limit plus the
@@ -155,6 +189,8 @@ class RelaySMTP(SMTP):
         self.implicit_tls = implicit_tls
         self.gate = gate
         self.auth_limiter = auth_limiter
+        self.data_budget = data_budget or DataBudget(max(limits.max_data_memory, max_size))
+        self._held = 0
         self.free_space = free_space
         self._started = False
         self._gate_ip: Optional[str] = None
@@ -194,6 +230,7 @@ class RelaySMTP(SMTP):
             self.session.ssl = {"ssl_object": ssl_object, "cipher": transport.get_extra_info("cipher")}
 
     def connection_lost(self, error: Optional[Exception]) -> None:
+        self._release_data()
         if self._gate_ip is not None:
             self.gate.release(self._gate_ip)
             self._gate_ip = None
@@ -522,6 +559,17 @@ class RelaySMTP(SMTP):
             await self.push("501 5.5.4 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            await self._data_phase()
+        finally:
+            self._release_data()
+
+    def _release_data(self) -> None:
+        if self._held:
+            self.data_budget.give(self._held)
+            self._held = 0
+
+    async def _data_phase(self) -> None:
         content, problem = await self._read_data()
         if problem is not None:
             self._set_post_data_state()
@@ -555,44 +603,70 @@ class RelaySMTP(SMTP):
         Over the size or line limit, the rest is drained to the real end before replying.
         """
         lines: list[bytes] = []
-        size, too_much, too_long = 0, False, False
+        size, too_much, too_long, busy = 0, False, False, False
         limit, idle, rate = self.data_size_limit, self.limits.idle_timeout, max(1, self.limits.min_data_rate)
         start = self.loop.time()
         self._reset_timeout(idle)
-        pending = b""
+        next_reset = start + 0.25
+        in_line = False   # between an overlong line's chunks
         while True:
             try:
                 line = await self._reader.readuntil(b"\r\n")
             except asyncio.LimitOverrunError as exc:
                 too_long = True
                 lines.clear()
+                self._release_data()
                 chunk = await self._reader.read(exc.consumed)
                 size += len(chunk)
-                pending = chunk[-1:]   # a CR at the cut may start the CRLF
+                in_line = True
                 continue
             except asyncio.IncompleteReadError:
                 raise ConnectionResetError("connection closed during DATA") from None
-            now = self.loop.time()
             size += len(line)
-            self._reset_timeout(max(0.001, min(idle, start + idle + size / rate - now)))
-            if pending:
-                pending = b""
+            now = self.loop.time()
+            if now >= next_reset:   # re-arming a timer per line would cost more than the line
+                next_reset = now + 0.25
+                self._reset_timeout(max(0.001, min(idle, start + idle + size / rate - now)))
+            if in_line:
+                in_line = False
                 continue   # the tail of an overlong line
             if line == b".\r\n":
                 break
-            if too_much or too_long:
+            if too_much or too_long or busy:
                 continue
             if size > limit:
                 too_much = True
                 lines.clear()
+                self._release_data()
                 continue
+            if not self.data_budget.take(len(line)):
+                busy = True
+                lines.clear()
+                self._release_data()
+                continue
+            self._held += len(line)
             lines.append(line[1:] if line.startswith(b".") else line)
         self._reset_timeout()
+        if busy:
+            log.warning("%s: message data in memory at its limit (%d bytes); answered 451",
+                        self.peer_ip, self.data_budget.limit)
+            return b"", "451 4.3.2 System busy, too much mail in transit; try again later"
         if too_long:
             return b"", "500 5.5.2 Error: line too long (RFC 5321 4.5.3.1.6)"
         if too_much:
             return b"", "552 5.3.4 Message size exceeds fixed maximum message size"
         return b"".join(lines), None
+
+    # -- no address disclosure --------------------------------------------------------------
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: Optional[str]) -> None:
+        if not arg:
+            await self.push("501 5.5.4 Syntax: VRFY <address>")
+        else:
+            await self.push("252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
+
+    async def smtp_EXPN(self, arg: Optional[str]) -> None:
+        await self.push("502 5.5.1 EXPN not implemented")
 
     # -- not SMTP ------------------------------------------------------------------------
     async def _not_smtp(self, arg: Optional[str]) -> None:
@@ -643,14 +717,16 @@ def spool_free_space(spool: str | Path) -> Callable[[], Optional[int]]:
 
 async def start_listeners(handler: Any, config: Any, *,
                           free_space: Optional[Callable[[], Optional[int]]] = None,
-                          tls_context: Optional[ssl.SSLContext] = None) -> list[asyncio.Server]:
+                          tls_context: Optional[ssl.SSLContext] = None,
+                          state: Optional[ListenerState] = None) -> list[asyncio.Server]:
     """Start the SMTP listeners described by `config` (a ServeConfig or anything with its fields):
 
     `listen` (plain, offering STARTTLS when `tls_cert`/`tls_key` are set), `listen_tls`
     (implicit TLS, optional), `hostname`, `max_size`, `relay_networks`, `users` (path or
     None), `spool` (for the disk reserve), `limits` (a Limits or None for the defaults).
     `free_space` replaces the spool free-space probe (tests); `tls_context` replaces the
-    one built from the PEM files. All listeners share one connection gate and AUTH limiter.
+    one built from the PEM files. All listeners share one ListenerState (connection gate,
+    AUTH limiter, data budget); pass `state` (see `listener_state`) to share or inspect it.
     Raises ListenerError for an unusable configuration, OSError when a port is taken.
     """
     from server.users import UserStore
@@ -666,18 +742,20 @@ async def start_listeners(handler: Any, config: Any, *,
     listen_tls = getattr(config, "listen_tls", None)
     if listen_tls is not None and tls_context is None:
         raise ListenerError("--listen-tls needs --tls-cert and --tls-key")
+    if users is not None and tls_context is None:
+        log.warning("--users without --tls-cert/--tls-key: AUTH is only offered over TLS, so nobody can log in")
     if free_space is None and getattr(config, "spool", None) is not None:
         free_space = spool_free_space(config.spool)
-    gate = ConnectionGate(limits.max_connections, limits.max_connections_per_ip)
-    limiter = AuthLimiter(limits.max_auth_failures_per_ip, limits.auth_failure_window)
-    loop = asyncio.get_running_loop()
     hostname = getattr(config, "hostname", None) or "localhost"
     max_size = int(getattr(config, "max_size", 35_000_000))
+    state = state or listener_state(limits, max_size)
+    loop = asyncio.get_running_loop()
 
     def factory(implicit: bool) -> Callable[[], RelaySMTP]:
         return lambda: RelaySMTP(
-            handler, limits=limits, access=access, hostname=hostname, max_size=max_size, gate=gate,
-            auth_limiter=limiter, users=users, tls_context=tls_context, implicit_tls=implicit,
+            handler, limits=limits, access=access, hostname=hostname, max_size=max_size, gate=state.gate,
+            auth_limiter=state.auth_limiter, data_budget=state.data_budget, users=users,
+            tls_context=tls_context, implicit_tls=implicit,
             free_space=free_space, loop=loop)
 
     servers: list[asyncio.Server] = []

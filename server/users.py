@@ -218,11 +218,13 @@ def main(argv: Sequence[str]) -> int:
         if not password:
             print("routedsl users: the password is empty", file=sys.stderr)
             return 1
+        existed = login in users
         users[login] = hash_password(password)
     try:
         write_users(path, users, _comments(path))
     except OSError as exc:
         print(f"routedsl users: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    print(f"{'updated' if action == 'add' else 'removed'} {login} in {path}", file=sys.stderr)
+    done = "removed" if action == "remove" else "changed the password of" if existed else "added"
+    print(f"{done} {login} in {path}", file=sys.stderr)
     return 0

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 from server.limits import Limits
-from server.smtp import start_listeners
+from server.smtp import ListenerState, listener_state, start_listeners
 
 _FINAL = re.compile(rb"(?:^|\r\n)\d{3}(?: [^\r\n]*)?\r\n$")
 
@@ -113,6 +113,7 @@ def code(reply: bytes) -> str:
 class Relay:
     servers: list[asyncio.Server]
     handler: Any
+    state: ListenerState
 
     @property
     def port(self) -> int:
@@ -142,9 +143,10 @@ async def start_relay(handler: Any = None, *, limits: Limits | None = None, user
         max_size=max_size, relay_networks=relay_networks, users=users, tls_cert=None, tls_key=None,
         spool=None, limits=limits or Limits(auth_failure_delay=0.05))
     handler = handler if handler is not None else RecordingHandler()
+    state = listener_state(config.limits, max_size)
     servers = await start_listeners(handler, config, free_space=free_space or (lambda: 10**12),
-                                    tls_context=tls)
-    return Relay(servers, handler)
+                                    tls_context=tls, state=state)
+    return Relay(servers, handler, state)
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:

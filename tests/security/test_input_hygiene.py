@@ -122,3 +122,10 @@ async def test_nested_mail_and_rset(client):
 async def test_http_request_on_the_smtp_port_is_answered_and_closed(client):
     assert code(await client.cmd(b"GET / HTTP/1.1")) == "502 5.7.0"
     assert await client.closed()
+
+
+async def test_vrfy_and_expn_disclose_nothing(client):
+    await client.cmd(b"EHLO c.test")
+    assert code(await client.cmd(b"VRFY root")) == "252 2.5.0"
+    assert code(await client.cmd(b"VRFY <a\rb@x.test>")) == "252 2.5.0"
+    assert code(await client.cmd(b"EXPN staff")) == "502 5.5.1"

@@ -7,7 +7,7 @@ import asyncio
 import errno
 
 from server.limits import Limits
-from tests.security.harness import Client, RecordingHandler, code
+from tests.security.harness import Client, RecordingHandler, code, until
 
 MESSAGE = b"Subject: hi\r\n\r\nbody\r\n.\r\n"
 
@@ -281,3 +281,41 @@ async def test_recipient_overshoot_is_tolerated_then_counted_as_errors(relays):
     assert code(await client.cmd(b"RCPT TO:<q@y.test>")) == "250 2.1.5"
     assert code(await client.cmd(b"RCPT TO:<q2@y.test>")) == "250 2.1.5"
     assert await last_error_then_421(client, b"RCPT TO:<q3@y.test>") == "452 4.5.3"
+
+
+async def test_a_stream_of_recipients_is_cut_off(relays):
+    """Exim CVE-2020-28017 style: RCPTs streamed without reading replies end in a closed connection."""
+    relay = await relays(limits=Limits(max_recipients=10))
+    client = await ready(relay)
+    await client.cmd(b"MAIL FROM:<a@x.test>")
+    try:
+        await client.send(b"".join(b"RCPT TO:<r%d@y.test>\r\n" % i for i in range(5000)))
+    except ConnectionError:
+        pass
+    assert await client.closed()
+    assert relay.handler.messages == []
+
+
+async def test_message_data_in_memory_is_bounded_across_sessions(relays):
+    relay = await relays(max_size=50_000, limits=Limits(max_data_memory=1))   # budget: one message
+    budget = relay.state.data_budget
+    chunk = b"Subject: big\r\n\r\n" + b"".join(b"%s\r\n" % (b"m" * 98) for _ in range(300))   # ~30 KB
+    a, b = await ready(relay, src="127.0.0.90"), await ready(relay, src="127.0.0.91")
+    for c in (a, b):
+        await c.cmd(b"MAIL FROM:<a@x.test>")
+        await c.cmd(b"RCPT TO:<b@y.test>")
+        assert code(await c.cmd(b"DATA")) == "354"
+    await a.send(chunk)
+    await until(lambda: budget.used >= len(chunk) - 100, what="the first message in memory")
+    await b.send(chunk + b".\r\n")
+    assert code(await b.reply()) == "451 4.3.2"      # temporary: the client tries again
+    await a.send(b".\r\n")
+    assert code(await a.reply()) == "250 2.0.0"
+    assert budget.used == 0
+    await b.cmd(b"MAIL FROM:<a@x.test>")
+    await b.cmd(b"RCPT TO:<b@y.test>")
+    await b.cmd(b"DATA")
+    await b.send(chunk + b".\r\n")
+    assert code(await b.reply()) == "250 2.0.0"
+    await a.close(), await b.close()
+    assert len(relay.handler.messages) == 2 and budget.used == 0

@@ -228,3 +228,18 @@ async def test_credentials_never_reach_the_log(relays, users_file, server_tls, c
     for secret in ("wrong horse", "right horse", plain("alice", "wrong horse")[11:].decode(),
                    base64.b64encode(b"right horse").decode()):
         assert secret not in text
+
+
+async def test_tls_closed_in_the_middle_of_data_queues_nothing(relays, server_tls, client_tls):
+    relay = await relays(tls=server_tls)
+    client = await tls_session(relay, client_tls)
+    await client.cmd(b"EHLO c.test")
+    await client.cmd(b"MAIL FROM:<a@x.test>")
+    await client.cmd(b"RCPT TO:<b@y.test>")
+    assert code(await client.cmd(b"DATA")) == "354"
+    await client.send(b"Subject: half\r\n\r\nhalf a message\r\n")
+    await client.close()                       # close_notify mid-DATA
+    other = await Client.connect(relay.port)
+    assert code(await other.cmd(b"EHLO c.test")) == "250"
+    await other.close()
+    assert relay.handler.messages == []
