@@ -7,7 +7,8 @@ POINT is where the k-th commit dies with SIGKILL:
   before_rename written and fsynced in tmp/, not yet renamed into msg/
   before_dirsync renamed into msg/, the folder not yet fsynced (never acknowledged)
   after_ack     put() returned and the ACK line was printed
-MODE is "put" (one at a time) or "accept" (10 concurrent accepts, group commit).
+MODE is "put" (one at a time), "accept" (10 concurrent accepts, group commit) or "state"
+(one message whose state file is rewritten COUNT times; the k-th rewrite dies).
 Each acknowledged message is printed as "ACK <id> <index>" and flushed before going on.
 """
 from __future__ import annotations
@@ -41,7 +42,8 @@ def main() -> None:
         real_write = queue._write_file
 
         def write(path, chunks):
-            if path.parent.name == "tmp" and nth():
+            is_state = path.name.endswith(".state")
+            if path.parent.name == "tmp" and is_state == (mode == "state") and nth():
                 data = b"".join(chunks)
                 with open(path, "wb") as f:
                     f.write(data[: len(data) // 2])
@@ -52,7 +54,8 @@ def main() -> None:
         real_replace = os.replace
 
         def replace(src, dst):
-            if str(dst).endswith(os.path.join("msg", os.path.basename(str(dst)))) and nth():
+            folder = "state" if mode == "state" else "msg"
+            if os.path.basename(os.path.dirname(str(dst))) == folder and nth():
                 die()
             return real_replace(src, dst)
         queue.os.replace = replace  # type: ignore[attr-defined]
@@ -60,7 +63,7 @@ def main() -> None:
         real_sync = queue.fsync_dir
 
         def sync(path):
-            if os.path.basename(str(path)) == "msg" and nth():
+            if os.path.basename(str(path)) == ("state" if mode == "state" else "msg") and nth():
                 die()
             return real_sync(path)
         queue.fsync_dir = sync
@@ -73,7 +76,15 @@ def main() -> None:
         if point == "after_ack" and i + 1 == k:
             die()
 
-    if mode == "put":
+    if mode == "state":
+        # one message, then its state rewritten again and again; POINT as for messages
+        msg = spool.put("a@crash.test", ["r0@crash.test"], body(0))
+        print(f"ACK {msg.id} 0", flush=True)
+        calls["n"] = 0
+        for i in range(1, count + 1):
+            spool.write_state(spool.state(msg.id).update([], attempts=i))
+            print(f"STATE {msg.id} {i}", flush=True)
+    elif mode == "put":
         for i in range(count):
             ack(spool.put("a@crash.test", [f"r{i}@crash.test"], body(i)), i)
     else:

@@ -24,7 +24,7 @@ def run_child(root: Path, point: str, k: int, count: int, mode: str) -> list[tup
     for line in proc.stdout.splitlines():
         assert line != "DONE"
         word, qid, index = line.split()
-        acks.append((qid, int(index)))
+        acks.append((word, qid, int(index)) if mode == "state" else (qid, int(index)))
     return acks
 
 
@@ -53,5 +53,25 @@ def test_nothing_acknowledged_is_lost_nothing_torn_is_live(tmp_path: Path, point
             # one at a time, the dying commit is live only once it was renamed into msg/
             assert len(extra) == (1 if point == "before_dirsync" else 0)
             assert len(live) == len(acks) + len(extra)
+    finally:
+        spool.close()
+
+
+@pytest.mark.parametrize("point", ["mid_write", "before_rename", "before_dirsync"])
+def test_a_state_update_cut_short_leaves_the_old_or_the_new_state(tmp_path: Path, point: str) -> None:
+    k = 4
+    lines = run_child(tmp_path, point, k, 10, "state")
+    (_, qid, _), *states = lines
+    last = states[-1][2] if states else 0
+    assert last == k - 1
+    spool = Spool(tmp_path)
+    live = {m.id for m in spool.open()}
+    try:
+        assert live == {qid}
+        assert list(spool.tmp_dir.iterdir()) == [] and list(spool.corrupt_dir.iterdir()) == []
+        # the last acknowledged state, or the one being written when the process died
+        assert spool.state(qid).attempts in (last, last + 1)
+        if point != "before_dirsync":
+            assert spool.state(qid).attempts == last
     finally:
         spool.close()
