@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+import random
 import re
 import signal
 import socket
@@ -58,7 +59,11 @@ class RelayProcess:
 
     # -- the command ---------------------------------------------------------------
     def command(self) -> list[str]:
-        listen = f"{self.address[0]}:{self.address[1]}" if self.address else self.listen
+        if self.address:
+            listen = f"{self.address[0]}:{self.address[1]}"
+        else:
+            host, _, port = self.listen.rpartition(":")
+            listen = f"{host}:{stable_port(host)}" if port == "0" else self.listen
         cmd = [sys.executable, "-m", _MODULE, "serve", str(self.rules), "--listen", listen,
                "--spool", str(self.spool), "--hostname", self.hostname,
                "--min-backoff", self.min_backoff, "--max-backoff", self.max_backoff,
@@ -73,6 +78,16 @@ class RelayProcess:
     def start(self, timeout: float = 20.0) -> "RelayProcess":
         """Start (or restart on the same spool and port) and wait until it accepts connections."""
         assert not self.running, "relay already running"
+        for _ in range(2 if self.address is None else 0):
+            try:
+                return self._start(timeout)
+            except RelayExited as exc:
+                if "cannot listen" not in str(exc):
+                    raise
+                # the port picked was taken meanwhile: pick another one
+        return self._start(timeout)
+
+    def _start(self, timeout: float) -> "RelayProcess":
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         mark = len(self._lines)
         self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -198,6 +213,29 @@ class RelayProcess:
             return None
         host, _, port = m.group(1).rpartition(":")
         return host.strip("[]"), int(port)
+
+
+def stable_port(host: str = "127.0.0.1") -> int:
+    """A free port outside the kernel's ephemeral range.
+
+    A restarted relay must get its port back. A port from the ephemeral range can be
+    taken meanwhile by an outgoing connection, or by a client retrying a connection to the
+    dead port (TCP self-connect), and the restart would fail with "address in use".
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port below {low} on {host}")
 
 
 def _accepts(address: tuple[str, int]) -> bool:
