@@ -42,6 +42,11 @@ def clean(text: str, limit: int = MAX_TEXT) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def needs_smtputf8(msg: QueuedMessage) -> bool:
+    """Whether the notice for msg's sender must be sent with SMTPUTF8."""
+    return not msg.sender.isascii()
+
+
 def may_notify(msg: QueuedMessage) -> bool:
     """Whether a bounce or delay notice may go to this message's sender."""
     return msg.sender != "" and msg.kind == "mail"
@@ -115,7 +120,9 @@ def build_notice(*, notice: Notice, msg: QueuedMessage, headers: bytes,
     if not reports:
         raise ValueError("a notice needs at least one recipient report")
     now = time.time() if now is None else now
-    policy = email.policy.SMTP
+    # a non-ASCII sender is written as UTF-8 (RFC 6532), never as encoded words in an address;
+    # such a notice must then travel with SMTPUTF8 (see needs_smtputf8)
+    policy = email.policy.SMTP if msg.sender.isascii() else email.policy.SMTPUTF8
 
     cs = Charset("utf-8")
     cs.body_encoding = QP  # readable in any mail client's source view, unlike base64

@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from server import outcome as policy
 from server.backoff import next_delay
-from server.bounce import RecipientReport, build_notice, enhanced_status, may_notify
+from server.bounce import (RecipientReport, build_notice, enhanced_status, may_notify,
+                           needs_smtputf8)
 from server.engines.base import Envelope
 from server.queue import (ControlRequest, CorruptMessage, MessageState, QueuedMessage,
                           RecipientState, Spool, header_section)
@@ -439,7 +440,8 @@ class Scheduler:
         raw = build_notice(notice=notice, msg=msg, headers=headers, reports=reports,  # type: ignore[arg-type]
                            hostname=self.config.hostname, now=now, retry_until=retry_until)
         kind = "bounce" if notice == "failed" else "delay"
-        note = await self.spool.accept("", [msg.sender], raw, kind=kind)
+        note = await self.spool.accept("", [msg.sender], raw, kind=kind,
+                                       smtputf8=needs_smtputf8(msg))
         log.info("%s: %s notice %s to <%s> for %s", msg.id, notice, note.id, msg.sender, who)
         self.wake(note)
 

@@ -87,3 +87,16 @@ def test_never_to_the_null_sender_nor_about_a_bounce() -> None:
         with pytest.raises(ValueError):
             build_notice(notice="failed", msg=msg, headers=b"", hostname="h",
                          reports=[RecipientReport("x@y", "5.0.0")])
+
+
+def test_a_non_ascii_sender_gets_a_utf8_notice() -> None:
+    import dataclasses
+    from server.bounce import needs_smtputf8
+    msg = dataclasses.replace(MSG, sender="jörg@bücher.test", smtputf8=True)
+    raw = build_notice(notice="failed", msg=msg, headers="Subject: grüße\r\n".encode(), hostname="relay.test",
+                       reports=[RecipientReport("ñandú@far.test", "5.1.1", "550 5.1.1 unknown")])
+    assert needs_smtputf8(msg) and not needs_smtputf8(MSG)
+    assert "To: <jörg@bücher.test>".encode() in raw and b"=?utf-8?" not in raw.split(b"\r\n\r\n")[0]
+    dsn = email.message_from_bytes(raw, policy=email.policy.default)
+    block = list(dsn.iter_parts())[1].get_payload()[1]
+    assert block["Final-Recipient"] == "utf-8; ñandú@far.test"
