@@ -143,6 +143,18 @@ def resolution_chain(path: Path) -> tuple[frozenset[str], frozenset[str]]:
     return frozenset(names), frozenset(folders)
 
 
+def _watch_key(path: Path) -> tuple[frozenset[str], frozenset[str], tuple[int, ...]]:
+    """What the current watch covers: the paths, their folders and those folders' inodes."""
+    names, folders = resolution_chain(path)
+    inodes = []
+    for folder in sorted(folders):
+        try:
+            inodes.append(os.stat(folder).st_ino)
+        except OSError:
+            inodes.append(-1)
+    return names, folders, tuple(inodes)
+
+
 class Reloader:
     """Watch the rules file and swap in each valid new version.
 
@@ -190,7 +202,13 @@ class Reloader:
             await self._write_status()
         try:
             while not self._stopped.is_set():
-                await self._watch_once()
+                try:
+                    await self._watch_once()
+                except Exception as exc:   # e.g. a folder removed while the watch starts
+                    # The reloader must never take the relay down: poll, then watch again.
+                    log.warning("watching %s failed (%s); retrying", self.path, exc)
+                    await self._wait_stop(self.poll_interval_ms / 1000)
+                    await self._reconcile()
         finally:
             self.ready.clear()
             await self.drain()
@@ -206,9 +224,11 @@ class Reloader:
         """One watch over the current folder set; returns when the set must change."""
         from watchfiles import awatch
 
-        names, folders = resolution_chain(self.path)
+        key = _watch_key(self.path)
+        names, folders, _inodes = key
         if not folders:
-            # The folder itself is gone: wait for it to come back.
+            # The folder itself is gone: poll until it comes back.
+            self.ready.set()
             await self._wait_stop(self.poll_interval_ms / 1000)
             await self._reconcile()
             return
@@ -230,8 +250,9 @@ class Reloader:
                     await self.reload_now("file changed")
                 else:
                     await self._reconcile()   # also covers events the kernel never sent
-                if resolution_chain(self.path) != (names, folders):
-                    return   # a symlink now points elsewhere: watch the new folders
+                if _watch_key(self.path) != key:
+                    # A symlink points elsewhere now, or a folder was replaced: watch anew.
+                    return
 
     async def _wait_stop(self, seconds: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):

@@ -170,3 +170,36 @@ async def test_rewriting_the_file_100_times_under_load_never_routes_by_a_broken_
             assert "reload refused; version" in relay.log
             # The relay followed the file while it was busy, not only at the end.
             assert len(re.findall(r"active: 3 engines, 50 rules", relay.log)) >= 3
+
+
+async def test_a_fixed_rule_frees_waiting_mail_at_its_next_attempt_or_at_queue_retry(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:   # a port where nothing listens: the engine is down
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    async with Sink("trap") as trap, Sink("s0") as s0, Sink("s1") as s1:
+        stuck = routing(trap, s0, s1, "s0").replace(
+            f"engine s0 = {s0.url}", f"engine s0 = smtp://127.0.0.1:{dead_port}")
+        rules = tmp_path / "routes.rules"
+        rules.write_text(stuck)
+        relay = RelayProcess(rules, tmp_path / "spool", min_backoff="1h", max_backoff="2h")
+        await relay.astart()
+        try:
+            waiting = await send(relay, "a@d03.test")
+            await asyncio.to_thread(relay.wait_for_log, r": deferred .* until ")
+            save_atomic(rules, routing(trap, s0, s1, "s1"))
+            await asyncio.to_thread(relay.wait_for_log, r"active: 3 engines, 50 rules")
+            assert s1.arrivals == []   # its next attempt is an hour away
+            done = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "routedsl", "queue", "retry", "--all",
+                                 "--spool", str(tmp_path / "spool")],
+                capture_output=True, text=True, timeout=30)
+            assert done.returncode == 0, done.stderr
+            await until(lambda: waiting in s1.ids(), 10, "the waiting message routed by the fix")
+            assert trap.arrivals == [] and s0.arrivals == []
+        finally:
+            await relay.astop()
+        assert "Traceback" not in relay.log, relay.log

@@ -246,3 +246,35 @@ async def test_a_file_that_is_not_utf8_is_refused_at_the_bad_byte(rules_file, ct
         column = VIA_B.splitlines()[2].index("x.test") + 2
         assert f"{rules_file}:3:{column}: error[bad-encoding]" in refusals(caplog)[0]
         assert relay.active.version == kept
+
+
+async def test_config_map_style_folder_symlink_switch(tmp_path, ctx):
+    # routes.rules -> ..data/routes.rules, ..data -> ..v1; a deploy switches ..data to ..v2.
+    for name, text in (("..v1", VIA_A), ("..v2", VIA_B)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "routes.rules").write_text(text)
+    (tmp_path / "..data").symlink_to("..v1")
+    link = tmp_path / "routes.rules"
+    link.symlink_to("..data/routes.rules")
+    async with watching(link, ctx) as relay:
+        (tmp_path / "..data_tmp").symlink_to("..v2")
+        os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
+        await until(lambda: first_engine(relay.active) == "b", what="the switched folder")
+
+
+async def test_rules_folder_removed_and_recreated(tmp_path, ctx, caplog):
+    caplog.set_level(logging.INFO, logger="routedsl.reload")
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    path = folder / "routes.rules"
+    path.write_text(VIA_A)
+    async with watching(path, ctx) as relay:
+        path.unlink()
+        folder.rmdir()
+        await until(lambda: any("is missing" in r.getMessage() for r in caplog.records),
+                    what="the missing-file warning")
+        folder.mkdir()
+        path.write_text(VIA_B)
+        await until(lambda: first_engine(relay.active) == "b", what="the recreated folder")
+        save_atomic(path, VIA_A)   # and the new folder is watched
+        await until(lambda: first_engine(relay.active) == "a", what="an edit in the new folder")
