@@ -60,6 +60,10 @@ class Limits:
     # Message data all sessions together may hold in memory while DATA is read (aiosmtpd keeps
     # a message in memory, A14); never less than one message of the size limit. Over: 451 4.3.2.
     max_data_memory: int = 128 * 1024 * 1024
+    # Messages, and bytes, the queue may hold before MAIL answers 452 4.3.1 (chasquid's
+    # max_queue_items; None = no byte bound beyond the disk reserve).
+    max_queue_messages: int = 100_000
+    max_queue_size: Optional[int] = None
     # Free space the spool must keep at MAIL; None = 1.5 x the message size limit. Under: 452 4.3.1.
     disk_reserve: Optional[int] = None
 
@@ -122,6 +126,8 @@ _FLAGS = (
     ("--auth-failure-delay", "auth_failure_delay", parse_duration, "delay before answering a failed login"),
     ("--max-data-memory", "max_data_memory", parse_size,
      "message data held in memory by all sessions together (at least --max-size)"),
+    ("--max-queue-messages", "max_queue_messages", _count, "messages waiting in the queue before MAIL gets 452"),
+    ("--max-queue-size", "max_queue_size", parse_size, "bytes waiting in the queue before MAIL gets 452"),
     ("--disk-reserve", "disk_reserve", parse_size, "free spool space needed to accept MAIL (default 1.5 x --max-size)"),
 )
 
@@ -159,7 +165,8 @@ def validate(limits: Limits) -> None:
     """Refuse bounds that would make the server unusable, with the flag's name."""
     positive = ("max_connections", "max_connections_per_ip", "max_recipients", "max_commands", "max_errors",
                 "max_line_length", "max_header_size", "hop_limit", "idle_timeout", "session_timeout",
-                "max_auth_failures", "max_auth_failures_per_ip", "max_data_memory")
+                "max_auth_failures", "max_auth_failures_per_ip", "max_data_memory",
+                "max_queue_messages")
     for name in positive:
         if getattr(limits, name) <= 0:
             raise _error(f"--{name.replace('_', '-')} must be more than 0")

@@ -173,6 +173,7 @@ class RelaySMTP(SMTP):
                  max_size: int, gate: ConnectionGate, auth_limiter: AuthLimiter,
                  data_budget: Optional[DataBudget] = None, users: Any = None, tls_context: Optional[ssl.SSLContext] = None,
                  implicit_tls: bool = False, free_space: Optional[Callable[[], Optional[int]]] = None,
+                 queue_usage: Optional[Callable[[], tuple[int, int]]] = None,
                  loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
         # aiosmtpd sizes its StreamReader from this attribute: the line limit plus the
         # transparency dot (RFC 5321 4.5.3.1.6).
@@ -192,6 +193,7 @@ class RelaySMTP(SMTP):
         self.data_budget = data_budget or DataBudget(max(limits.max_data_memory, max_size))
         self._held = 0
         self.free_space = free_space
+        self.queue_usage = queue_usage
         self._started = False
         self._gate_ip: Optional[str] = None
         self._refusal: Optional[str] = None
@@ -457,6 +459,20 @@ class RelaySMTP(SMTP):
         except OSError:
             return None
 
+    def _queue_full(self, size: int) -> bool:
+        if self.queue_usage is None:
+            return False
+        try:
+            count, waiting = self.queue_usage()
+        except Exception:
+            log.exception("cannot read the queue size; not limiting")
+            return False
+        full = count >= self.limits.max_queue_messages or (
+            self.limits.max_queue_size is not None and waiting + size > self.limits.max_queue_size)
+        if full:
+            log.error("queue full (%d messages, %d bytes); answered 452", count, waiting)
+        return full
+
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: Optional[str]) -> None:
         if await self.check_helo_needed():
@@ -501,6 +517,9 @@ class RelaySMTP(SMTP):
         if free is not None and free < self.limits.reserve_for(self.data_size_limit) + int(size or 0):
             log.error("spool free space %d below the reserve; answered 452", free)
             await self.push("452 4.3.1 Insufficient system storage")
+            return
+        if self._queue_full(int(size or 0)):
+            await self.push("452 4.3.1 Insufficient system storage (queue full), try again later")
             return
         address = path.address or "<>"   # aiosmtpd's spelling of the null sender
         options = [p.upper() for p in path.params]
@@ -718,7 +737,8 @@ def spool_free_space(spool: str | Path) -> Callable[[], Optional[int]]:
 async def start_listeners(handler: Any, config: Any, *,
                           free_space: Optional[Callable[[], Optional[int]]] = None,
                           tls_context: Optional[ssl.SSLContext] = None,
-                          state: Optional[ListenerState] = None) -> list[asyncio.Server]:
+                          state: Optional[ListenerState] = None,
+                          queue_usage: Optional[Callable[[], tuple[int, int]]] = None) -> list[asyncio.Server]:
     """Start the SMTP listeners described by `config` (a ServeConfig or anything with its fields):
 
     `listen` (plain, offering STARTTLS when `tls_cert`/`tls_key` are set), `listen_tls`
@@ -727,6 +747,8 @@ async def start_listeners(handler: Any, config: Any, *,
     `free_space` replaces the spool free-space probe (tests); `tls_context` replaces the
     one built from the PEM files. All listeners share one ListenerState (connection gate,
     AUTH limiter, data budget); pass `state` (see `listener_state`) to share or inspect it.
+    `queue_usage() -> (messages, bytes)` feeds the queue limits; by default it is read from
+    `handler.spool` when that has `len()` and `total_bytes` (server.queue.Spool does).
     Raises ListenerError for an unusable configuration, OSError when a port is taken.
     """
     from server.users import UserStore
@@ -749,6 +771,9 @@ async def start_listeners(handler: Any, config: Any, *,
     hostname = getattr(config, "hostname", None) or "localhost"
     max_size = int(getattr(config, "max_size", 35_000_000))
     state = state or listener_state(limits, max_size)
+    spool = getattr(handler, "spool", None)
+    if queue_usage is None and spool is not None and hasattr(spool, "__len__") and hasattr(spool, "total_bytes"):
+        queue_usage = lambda: (len(spool), int(spool.total_bytes))   # noqa: E731
     loop = asyncio.get_running_loop()
 
     def factory(implicit: bool) -> Callable[[], RelaySMTP]:
@@ -756,7 +781,7 @@ async def start_listeners(handler: Any, config: Any, *,
             handler, limits=limits, access=access, hostname=hostname, max_size=max_size, gate=state.gate,
             auth_limiter=state.auth_limiter, data_budget=state.data_budget, users=users,
             tls_context=tls_context, implicit_tls=implicit,
-            free_space=free_space, loop=loop)
+            free_space=free_space, queue_usage=queue_usage, loop=loop)
 
     servers: list[asyncio.Server] = []
     try:

@@ -137,7 +137,8 @@ class Relay:
 async def start_relay(handler: Any = None, *, limits: Limits | None = None, users: Path | None = None,
                       tls: Optional[ssl.SSLContext] = None, implicit_tls: bool = False,
                       relay_networks: tuple[str, ...] = (), max_size: int = 35_000_000,
-                      free_space: Optional[Callable[[], Optional[int]]] = None, host: str = "127.0.0.1") -> Relay:
+                      free_space: Optional[Callable[[], Optional[int]]] = None, host: str = "127.0.0.1",
+                      queue_usage: Optional[Callable[[], tuple[int, int]]] = None) -> Relay:
     config = SimpleNamespace(
         listen=(host, 0), listen_tls=(host, 0) if implicit_tls else None, hostname="relay.test",
         max_size=max_size, relay_networks=relay_networks, users=users, tls_cert=None, tls_key=None,
@@ -145,7 +146,7 @@ async def start_relay(handler: Any = None, *, limits: Limits | None = None, user
     handler = handler if handler is not None else RecordingHandler()
     state = listener_state(config.limits, max_size)
     servers = await start_listeners(handler, config, free_space=free_space or (lambda: 10**12),
-                                    tls_context=tls, state=state)
+                                    tls_context=tls, state=state, queue_usage=queue_usage)
     return Relay(servers, handler, state)
 
 

@@ -319,3 +319,18 @@ async def test_message_data_in_memory_is_bounded_across_sessions(relays):
     assert code(await b.reply()) == "250 2.0.0"
     await a.close(), await b.close()
     assert len(relay.handler.messages) == 2 and budget.used == 0
+
+
+async def test_full_queue_at_mail_gets_452_4_3_1(relays):
+    usage = {"now": (0, 0)}
+    relay = await relays(limits=Limits(max_queue_messages=10, max_queue_size=1_000_000),
+                         queue_usage=lambda: usage["now"])
+    client = await ready(relay)
+    assert code(await client.cmd(b"MAIL FROM:<a@x.test>")) == "250 2.1.0"
+    await client.cmd(b"RSET")
+    usage["now"] = (10, 5000)
+    assert code(await client.cmd(b"MAIL FROM:<a@x.test>")) == "452 4.3.1"
+    usage["now"] = (3, 999_000)
+    assert code(await client.cmd(b"MAIL FROM:<a@x.test> SIZE=2000")) == "452 4.3.1"
+    assert code(await client.cmd(b"MAIL FROM:<a@x.test> SIZE=500")) == "250 2.1.0"
+    await client.close()

@@ -155,3 +155,20 @@ async def test_auth_over_implicit_tls_through_the_real_relay(relay_process, tmp_
     await client.close()
     await until(lambda: len(downstream.messages) == 1, timeout=30, what="the message at the next hop")
     assert "right horse" not in relay.log and base64.b64encode(b"\0alice\0right horse").decode() not in relay.log
+
+
+async def test_queue_limit_reaches_the_real_relay(tmp_path):
+    from tests.support.fake_smtp import unused_port
+    from tests.support.relay import RelayProcess
+    rules = tmp_path / "routes.rules"
+    rules.write_text(f"engine nowhere = smtp://127.0.0.1:{unused_port()} tls none\n")   # mail waits
+    relay = RelayProcess(rules, tmp_path / "spool", args=["--max-queue-messages", "1"])
+    try:
+        await relay.astart()
+        assert await send_message(relay.address[1]) == "250 2.0.0"
+        client = await Client.connect(relay.address[1])
+        await client.cmd(b"EHLO c.test")
+        assert code(await client.cmd(b"MAIL FROM:<a@x.test>")) == "452 4.3.1"
+        await client.close()
+    finally:
+        await relay.astop()
