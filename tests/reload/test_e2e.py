@@ -203,3 +203,33 @@ async def test_a_fixed_rule_frees_waiting_mail_at_its_next_attempt_or_at_queue_r
         finally:
             await relay.astop()
         assert "Traceback" not in relay.log, relay.log
+
+
+async def test_status_shows_the_active_version_and_sighup_reloads(tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    def status() -> dict:
+        done = subprocess.run([sys.executable, "-m", "routedsl", "status", "--spool",
+                               str(tmp_path / "spool"), "--format", "json"],
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    async with Sink("trap") as trap, Sink("s0") as s0, Sink("s1") as s1:
+        async with relay_with(tmp_path, routing(trap, s0, s1, "s0")) as (relay, rules):
+            first = await asyncio.to_thread(status)
+            assert first["running"] is True
+            assert first["engines"] == ["trap", "s0", "s1"] and first["rules"] == 50
+            assert first["file"] == str(rules)
+            # Saved without a change event reaching the relay (the watch sees it anyway,
+            # but SIGHUP is the operator's way to insist): the new version goes live.
+            save_atomic(rules, routing(trap, s0, s1, "s1"))
+            relay.signal(signal.SIGHUP)
+            await asyncio.to_thread(relay.wait_for_log, r"\(SIGHUP, \d+ ms\)")
+            await until(lambda: status()["version"] != first["version"], 5,
+                        "the new version in `routedsl status`")
+            assert status()["last_refused"] is None
+        assert (await asyncio.to_thread(status))["running"] is False
