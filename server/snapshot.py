@@ -123,23 +123,18 @@ def assemble(
 
 
 def decode_rules(data: bytes, filename: str) -> str:
-    """The rules text of a file's bytes; raises ReloadRefused (rendered like `check`,
-    code `bad-encoding`, at the first bad byte) when they are not UTF-8."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        import routedsl
+    """The rules text of a file's bytes, decoded exactly as `routedsl check` decodes them.
 
-        line = data.count(b"\n", 0, exc.start) + 1
-        line_start = data.rfind(b"\n", 0, exc.start) + 1
-        column = len(data[line_start:exc.start].decode("utf-8", "replace")) + 1
-        diag = routedsl.Diagnostic(
-            file=filename, line=line, column=column, end_line=line, end_column=column + 1,
-            severity="error", code="bad-encoding",
-            message=f"the file is not UTF-8 text (byte 0x{data[exc.start]:02x})",
-            hint="save the file as UTF-8")
-        text = data.decode("utf-8", "replace")
-        raise ReloadRefused(routedsl.render_human([diag], text), (diag,)) from None
+    Raises ReloadRefused (code `bad-encoding`, at the first bad byte) when they are not UTF-8.
+    """
+    import routedsl
+    from routedsl.api import decode
+
+    text, diags = decode(data, filename)
+    if text is None:
+        raise ReloadRefused(routedsl.render_human(diags, data.decode("utf-8", "replace")),
+                            tuple(diags))
+    return text
 
 
 def build_snapshot(

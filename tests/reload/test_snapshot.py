@@ -111,3 +111,16 @@ def test_empty_text_is_refused_for_having_no_engines(ctx):
     with pytest.raises(ReloadRefused) as caught:
         build_snapshot("", "routes.rules", ctx)
     assert "no-engines" in caught.value.text
+
+
+def test_bytes_that_are_not_utf8_are_refused_as_check_reports_them(tmp_path, capsys):
+    from routedsl.cli import main as routedsl_main
+    from server.snapshot import decode_rules
+
+    path = tmp_path / "routes.rules"
+    path.write_bytes(BASE.encode().replace(b"aol.com", b"a\xffl.com"))
+    with pytest.raises(ReloadRefused) as caught:
+        decode_rules(path.read_bytes(), str(path))
+    assert f"{path}:3:" in caught.value.text and "bad-encoding" in caught.value.text
+    assert routedsl_main(["check", str(path)]) == 1
+    assert caught.value.text.strip() in capsys.readouterr().out
