@@ -143,6 +143,18 @@ def resolution_chain(path: Path) -> tuple[frozenset[str], frozenset[str]]:
     return frozenset(names), frozenset(folders)
 
 
+async def load_snapshot(path: str | os.PathLike[str], ctx: "EngineContext") -> Snapshot:
+    """The start-up Snapshot, read and decoded exactly as every later reload reads it.
+
+    Raises OSError (missing/unreadable file), FileUnstable, or ReloadRefused (`.text`:
+    the diagnostics as `routedsl check` renders them).
+    """
+    data, _ = await asyncio.to_thread(read_stable, path, 0.0)
+    text = decode_rules(data, str(path))
+    prepared = await asyncio.to_thread(prepare, text, str(path))
+    return assemble(prepared, ctx)
+
+
 def _watch_key(path: Path) -> tuple[frozenset[str], frozenset[str], tuple[int, ...]]:
     """What the current watch covers: the paths, their folders and those folders' inodes."""
     names, folders = resolution_chain(path)

@@ -278,3 +278,23 @@ async def test_rules_folder_removed_and_recreated(tmp_path, ctx, caplog):
         await until(lambda: first_engine(relay.active) == "b", what="the recreated folder")
         save_atomic(path, VIA_A)   # and the new folder is watched
         await until(lambda: first_engine(relay.active) == "a", what="an edit in the new folder")
+
+
+async def test_a_relay_started_by_load_snapshot_does_not_reload_an_unchanged_crlf_file(
+        tmp_path, ctx, caplog):
+    from server.reload import load_snapshot
+
+    caplog.set_level(logging.INFO, logger="routedsl.reload")
+    path = tmp_path / "routes.rules"
+    path.write_bytes(VIA_A.replace("\n", "\r\n").encode())
+    initial = await load_snapshot(path, ctx)
+    swaps: list[Snapshot] = []
+    reloader = Reloader(path, ctx, swaps.append, initial)
+    task = asyncio.create_task(reloader.run())
+    try:
+        await asyncio.wait_for(reloader.ready.wait(), 5)
+        result = await reloader.reload_now("probe")   # what the first poll does
+        assert result.accepted and not result.swapped and swaps == []
+    finally:
+        reloader.stop()
+        await asyncio.wait_for(task, 10)
