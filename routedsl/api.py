@@ -20,6 +20,9 @@ from routedsl.syntax import parse
 from routedsl.table import EngineSpec, RouteTable
 
 
+MAX_DIAGNOSTICS = 100
+
+
 class RulesError(Exception):
     """A rules file that does not pass `check`; .diagnostics holds every problem found."""
 
@@ -69,6 +72,13 @@ def _analyse(text: str, filename: str,
     except RecursionError:
         return None, [make(filename, A.Span(1, 1, 1, 2), "error", "syntax-error",
                            "the conditions are nested too deeply")], None
+    if len(diags) > MAX_DIAGNOSTICS:
+        rest = diags[MAX_DIAGNOSTICS]
+        more = len(diags) - MAX_DIAGNOSTICS
+        diags = diags[:MAX_DIAGNOSTICS] + [Diagnostic(
+            rest.file, rest.line, rest.column, rest.end_line, rest.end_column,
+            "error" if any(d.is_error for d in diags) else "warning", "too-many-problems",
+            f"{more} more problem{'s' if more != 1 else ''} not shown", "fix the ones above and check again")]
     if strict:
         diags = [d if d.is_error else Diagnostic(*(getattr(d, f) for f in
                  ("file", "line", "column", "end_line", "end_column")), "error", d.code, d.message, d.hint)

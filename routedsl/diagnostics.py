@@ -66,16 +66,15 @@ _WINDOW = 160
 
 def _excerpt(src: str, col: int, end_col: int) -> tuple[str, str]:
     """The source line (windowed when long) and its underline."""
-    src = _CONTROL.sub("?", src)
     start = 0
     if len(src) > _WINDOW:
         start = max(0, min(col - 1 - _WINDOW // 3, len(src) - _WINDOW))
         shown = src[start:start + _WINDOW]
         lead, tail = ("…" if start else ""), ("…" if start + _WINDOW < len(src) else "")
-        src_shown = lead + shown + tail
+        src_shown = lead + _CONTROL.sub("?", shown) + tail
         offset = len(lead)
     else:
-        src_shown, offset = src, 0
+        src_shown, offset = _CONTROL.sub("?", src), 0
     first = max(col - 1 - start, 0)
     width = max(1, min(end_col - col, len(src) - (col - 1)) if end_col > col else 1)
     width = min(width, max(1, _WINDOW - first))

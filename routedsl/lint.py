@@ -9,6 +9,7 @@ files and never raises on a well-formed AST.
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
@@ -27,7 +28,12 @@ OPTIONS = ("user", "password", "tls", "verify", "port", "helo", "timeout", "conn
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> Optional[str]:
-    best = difflib.get_close_matches(word.lower(), list(choices), n=1, cutoff=0.6)
+    return _did_you_mean(word.lower(), tuple(choices))
+
+
+@functools.lru_cache(maxsize=1024)
+def _did_you_mean(word: str, choices: tuple[str, ...]) -> Optional[str]:
+    best = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f"did you mean '{best[0]}'?" if best else None
 
 

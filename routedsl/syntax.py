@@ -265,6 +265,25 @@ def _statement_lines(lines: list[str], line: int) -> tuple[int, int]:
     return start, end
 
 
+def _starts_statement(tok: Token, lines: list[str]) -> bool:
+    """`engine`, `if` or `expect` first on its line (lexed as a word where no keyword fits)."""
+    if str(tok).lower() not in ("engine", "if", "expect") or not tok.line or tok.line > len(lines):
+        return False
+    return not lines[tok.line - 1][: tok.column - 1].strip()
+
+
+def _incomplete_before(err: UnexpectedToken, lines: list[str]) -> UnexpectedInput:
+    """Re-aim an error found at the start of a statement at the end of the line before it."""
+    prev = err.token.line - 1
+    while prev > 1 and (not lines[prev - 1].strip() or lines[prev - 1].lstrip().startswith("#")):
+        prev -= 1
+    if prev < 1:
+        return err
+    col = len(lines[prev - 1].split("#", 1)[0].rstrip()) + 1
+    tok = Token("_NL", "\n", 0, prev, col, prev, col + 1, 0)
+    return UnexpectedToken(tok, set(err.expected))
+
+
 def _open_parens(text: str) -> int:
     return text.count("(") - text.count(")")
 
@@ -279,13 +298,12 @@ def parse(text: str, filename: str = "routes.rules") -> tuple[Optional[A.RulesFi
         try:
             tree = scanner().parse("\n".join(work))
         except UnexpectedInput as err:
+            if isinstance(err, UnexpectedToken) and _starts_statement(err.token, work) \
+                    and not _STATEMENT_STARTS <= set(err.expected):
+                err = _incomplete_before(err, work)    # the statement above this one is unfinished
             d = _syntax_diag(err, filename, lines)
             diags.append(d)
-            at = d.line
-            if isinstance(err, UnexpectedToken) and err.token.type in ("ENGINE", "IF", "EXPECT") \
-                    and err.token.line is not None and err.token.line > at:
-                at = err.token.line
-            start, end = _statement_lines(work, min(max(at, 1), len(work)))
+            start, end = _statement_lines(work, min(max(d.line, 1), len(work)))
             if all(not work[i].strip() for i in range(start - 1, end)):
                 break                              # nothing left to blank: stop here
             work = work[:start - 1] + [""] * (end - start + 1) + work[end:]
