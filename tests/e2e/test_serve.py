@@ -1,0 +1,111 @@
+"""`routedsl serve` as an operator meets it: start-up, refusals, SIGHUP, graceful stop."""
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.e2e.conftest import message, send
+from tests.support.fake_smtp import FakeSmtp
+from tests.support.relay import RelayExited
+
+pytestmark = pytest.mark.slow
+
+
+def serve(tmp_path, rules: str, *args: str, env=None) -> subprocess.CompletedProcess:
+    path = tmp_path / "routes.rules"
+    path.write_text(rules)
+    return subprocess.run(
+        [sys.executable, "-m", "routedsl", "serve", str(path), "--listen", "127.0.0.1:0",
+         "--spool", str(tmp_path / "spool"), *args],
+        capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_an_invalid_rules_file_is_refused_with_the_check_diagnostics(tmp_path):
+    done = serve(tmp_path, "engine isp = smtp://127.0.0.3:2525 tls none\n"
+                           "if destination is aol.com then try ips first\n")
+    assert done.returncode == 1
+    assert "routes.rules:2:" in done.stderr and "error[unknown-engine]" in done.stderr
+    assert "did you mean 'isp'" in done.stderr
+    assert "refusing to start" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_missing_secret_is_refused_naming_the_engine_line(tmp_path):
+    done = serve(tmp_path, 'engine isp = smtp://127.0.0.3:2525 user "me" password env:NO_SUCH_VARIABLE_X\n',
+                 env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 1
+    assert "routes.rules:1:" in done.stderr and "NO_SUCH_VARIABLE_X" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_missing_rules_file_is_a_clear_error(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "routedsl", "serve", str(tmp_path / "nope.rules"),
+                           "--spool", str(tmp_path / "spool")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "cannot read the rules file" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_bad_flag_value_exits_2(tmp_path):
+    done = serve(tmp_path, "engine d = direct\n", "--min-backoff", "soon")
+    assert done.returncode == 2
+    assert "--min-backoff: 'soon' is not a duration" in done.stderr
+
+
+async def test_a_spool_in_use_and_a_taken_port_are_refused(tmp_path, make_relay):
+    relay = make_relay("engine d = direct\n")
+    async with relay:
+        second = await asyncio.to_thread(serve, tmp_path, "engine d = direct\n")
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            third = await asyncio.to_thread(
+                serve, tmp_path / "rules", "engine d = direct\n", "--listen", f"127.0.0.1:{port}")
+    assert second.returncode == 1 and "in use" in second.stderr
+    assert third.returncode == 1 and "cannot listen on" in third.stderr
+    assert "Traceback" not in second.stderr + third.stderr
+
+
+async def test_start_up_line_sighup_reload_and_graceful_stop(tmp_path, make_relay):
+    async with FakeSmtp("127.0.0.3") as first, FakeSmtp("127.0.0.4") as second:
+        relay = make_relay(f"engine first = smtp://127.0.0.3:{first.port} tls none\n")
+        async with relay:
+            line = await relay.await_log(r"serving on (\S+) spool=(\S+) rules=(\S+) version=(\w+) "
+                                         r"engines=1 rules=0 waiting=0")
+            assert line.group(1) == f"{relay.address[0]}:{relay.address[1]}"
+            # SIGHUP reloads: the new engine order applies to the next message
+            relay.rules.write_text(f"engine second = smtp://127.0.0.4:{second.port} tls none\n"
+                                   f"engine first = smtp://127.0.0.3:{first.port} tls none\n")
+            relay.signal(signal.SIGHUP)
+            await relay.await_log(r"rules version \w+ active")
+            await send(relay, "a@home.test", ["b@example.net"], message("a@home.test", ["b@example.net"], msgid="<hup@t>"))
+            await second.wait_for(1)
+            # SIGTERM while a delivery waits for the reply to its final dot: it finishes first
+            second.fail("DATA", "delay 1.5")
+            await send(relay, "a@home.test", ["b@example.net"], message("a@home.test", ["b@example.net"], msgid="<inflight@t>"))
+            await relay.await_log(r"accepted from")
+            while second.commands.count("DATA") < 2:
+                await asyncio.sleep(0.01)
+            code = await relay.astop()
+            delivered = [m.header("Message-ID") for m in second.messages]
+            # restarted on the same spool: nothing left to deliver again
+            await relay.astart()
+            await relay.await_log(r"waiting=0")
+    assert code == 0
+    assert delivered == ["<hup@t>", "<inflight@t>"]
+    assert [m.header("Message-ID") for m in second.messages] == delivered   # no duplicate after restart
+    assert first.messages == []
+    assert "received SIGTERM" in relay.log and "stopped in" in relay.log
+
+
+def test_refusing_to_start_never_leaves_a_process(tmp_path, make_relay):
+    relay = make_relay("engine broken = smtp://\n")
+    with pytest.raises(RelayExited) as caught:
+        relay.start()
+    assert "error[" in str(caught.value)
+    assert not relay.running
