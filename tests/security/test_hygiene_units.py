@@ -97,3 +97,20 @@ def test_valid_paths(arg, expected):
 def test_null_recipient_and_postmaster_without_domain():
     assert parse_path("<>", role="recipient", smtputf8=False).reply.startswith("501 5.1.3")
     assert parse_path("<Postmaster>", role="recipient", smtputf8=False).reply.startswith("550 5.1.1")
+
+
+_ADDR_CHARS = st.sampled_from(list("ab.@\"\\<>()[]:;, %!+-=/?^_`{|}~#$&'*x1 é\t\x00\x7f\udcff"))
+
+
+@given(st.text(_ADDR_CHARS, max_size=24), st.booleans())
+def test_paths_are_validated_or_refused_never_raising(text, smtputf8):
+    """Everything accepted is canonical: the outbound client quotes it back unchanged (H8),
+    and it holds no control character, space outside quotes, or undecodable byte."""
+    from aiosmtplib.email import quote_address
+    for arg in (text, f"<{text}>"):
+        result = parse_path(arg, role="recipient", smtputf8=smtputf8)
+        assert isinstance(result, (Path, Refusal))
+        if isinstance(result, Path):
+            assert not re.search(r"[\x00-\x1f\x7f\ud800-\udfff]", result.address)
+            assert quote_address(result.address) == f"<{result.address}>"
+            assert smtputf8 or result.address.isascii()
