@@ -96,6 +96,8 @@ class Scheduler:
         self._running = False
         self._stopped = asyncio.Event()
         self._slots = asyncio.Semaphore(max(1, config.concurrency))
+        self._attempt_snaps: dict[str, "Snapshot"] = {}   # the snapshot each attempt in flight uses
+        self._attempt_ended = asyncio.Event()
         # smarthost engines that just failed as a whole: engine object id -> (until, outcome)
         self._cooling: dict[int, tuple[float, "Outcome"]] = {}
 
@@ -120,6 +122,15 @@ class Scheduler:
     @property
     def in_flight(self) -> int:
         return len(self._inflight)
+
+    async def drained(self, snapshot: "Snapshot") -> None:
+        """Return once no attempt in flight uses `snapshot`.
+
+        A reload may await this before retiring the engines only the old snapshot had, so an
+        attempt that started with them can still walk the rest of its plan.
+        """
+        while any(s is snapshot for s in self._attempt_snaps.values()):
+            await self._attempt_ended.wait()
 
     async def run(self) -> None:
         self._running = True
@@ -204,6 +215,9 @@ class Scheduler:
             self._inflight.pop(qid, None)
             self._locks.pop(qid, None)
             self._slots.release()
+            if self._attempt_snaps.pop(qid, None) is not None:
+                ended, self._attempt_ended = self._attempt_ended, asyncio.Event()
+                ended.set()
         if qid in self._deleted:
             self._deleted.discard(qid)
             if self.spool.get(qid) is not None:
@@ -235,6 +249,7 @@ class Scheduler:
             return
         data = await self.spool.load(qid)
         snap = self._snapshot()                         # ONE snapshot for the whole attempt
+        self._attempt_snaps[qid] = snap
         self._locks[qid] = asyncio.Lock()
         groups = await self._plan(snap, msg, pending)
         only_group = len(groups) == 1

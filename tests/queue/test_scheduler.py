@@ -317,3 +317,20 @@ async def test_with_a_compiled_rules_file(tmp_path: Path, caplog) -> None:
     assert any(f"{msg.id} to=<x@aol.test>,<nobody@aol.test> engine=b rule=routes.rules:3 rules={table.version}" in line
                for line in lines), lines
     assert any("engine=a rule=routes.rules:4" in line for line in lines)   # the bounce, by `from is <>`
+
+
+async def test_drained_waits_for_attempts_that_use_a_snapshot(tmp_path: Path) -> None:
+    gate = GateEngine(want=1000)
+    async with running(tmp_path, Table(("gate",)), {"gate": gate}) as (sched, spool):
+        snap = sched._snapshot()
+        sched.wake(await spool.accept("a@home.test", ["r@ok.test"], MESSAGE))
+        await until(lambda: gate.in_flight == 1)
+        waiter = asyncio.create_task(sched.drained(snap))
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        other = Table(("gate",))
+        from server.snapshot import Snapshot
+        await asyncio.wait_for(sched.drained(Snapshot(other, {}, "x", 0.0)), 5)  # not in use: at once
+        gate.gate.set()
+        await asyncio.wait_for(waiter, 5)
+        await until(lambda: not spool.messages())
