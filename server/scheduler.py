@@ -42,7 +42,7 @@ from server.backoff import next_delay
 from server.bounce import (RecipientReport, build_notice, enhanced_status, may_notify,
                            needs_smtputf8)
 from server.engines.base import Envelope
-from server.queue import (ControlRequest, CorruptMessage, MessageState, QueuedMessage,
+from server.queue import (ControlRequest, CorruptMessage, QueuedMessage,
                           RecipientState, Spool, header_section)
 
 if TYPE_CHECKING:

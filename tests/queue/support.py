@@ -6,7 +6,7 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable, Mapping, Optional
+from typing import AsyncIterator, Callable, Mapping
 
 from routedsl.table import Decision, EngineSpec, RuleRef
 from server.engines.base import EngineContext, build_engine
