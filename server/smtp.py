@@ -171,8 +171,9 @@ class RelaySMTP(SMTP):
 
     def __init__(self, handler: Any, *, limits: Limits, access: RelayAccess, hostname: str,
                  max_size: int, gate: ConnectionGate, auth_limiter: AuthLimiter,
-                 data_budget: Optional[DataBudget] = None, users: Any = None, tls_context: Optional[ssl.SSLContext] = None,
-                 implicit_tls: bool = False, free_space: Optional[Callable[[], Optional[int]]] = None,
+                 data_budget: Optional[DataBudget] = None, users: Any = None,
+                 tls_context: Optional[ssl.SSLContext] = None, implicit_tls: bool = False,
+                 free_space: Optional[Callable[[], Optional[int]]] = None,
                  queue_usage: Optional[Callable[[], tuple[int, int]]] = None,
                  loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
         # aiosmtpd sizes its StreamReader from this attribute: the line limit plus the
