@@ -378,8 +378,8 @@ class Reloader:
 
 async def _close_all(engines: list) -> None:
     """Retire engines: each finishes its deliveries in flight, then closes its connections."""
-    for engine in engines:
-        try:
-            await engine.aclose()
-        except Exception:
-            log.exception("closing engine %s failed", getattr(engine, "name", "?"))
+    results = await asyncio.gather(*(engine.aclose() for engine in engines),
+                                   return_exceptions=True)
+    for engine, result in zip(engines, results):
+        if isinstance(result, Exception):
+            log.warning("closing engine %s failed: %s", getattr(engine, "name", "?"), result)

@@ -166,8 +166,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         record = read_active(args.spool)
     except FileNotFoundError:
-        print(f"routedsl status: no rules status in {args.spool} "
-              f"(no relay has run on this spool)", file=sys.stderr)
+        if not Path(args.spool).is_dir():
+            print(f"routedsl status: no spool folder at {args.spool}", file=sys.stderr)
+        else:
+            print(f"routedsl status: no rules status in {args.spool} "
+                  f"(no relay has run on this spool)", file=sys.stderr)
         return 1
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.errno != errno.ENOENT else exc

@@ -60,6 +60,8 @@ def test_no_status_file_is_a_clear_error(tmp_path, capsys):
     assert status.main(["--spool", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "no rules status" in err and "Traceback" not in err
+    assert status.main(["--spool", str(tmp_path / "absent")]) == 1
+    assert "no spool folder at" in capsys.readouterr().err
 
 
 def test_garbage_status_file_is_a_clear_error(tmp_path, capsys):
