@@ -334,3 +334,20 @@ async def test_drained_waits_for_attempts_that_use_a_snapshot(tmp_path: Path) ->
         gate.gate.set()
         await asyncio.wait_for(waiter, 5)
         await until(lambda: not spool.messages())
+
+
+async def test_partial_acceptance_delivers_retries_and_bounces_each_recipient_once(tmp_path: Path) -> None:
+    async with FakeSmtp() as sink, FakeSmtp() as home:
+        sink.fail_local("r2", "451", times=1)
+        sink.fail_local("r3", "550")
+        engines = {"isp": smarthost("isp", sink.port, CTX), "home": smarthost("home", home.port, CTX)}
+        table = Table(("isp",), {"home.test": ("home",)})
+        async with running(tmp_path, table, engines) as (sched, spool):
+            sched.wake(await spool.accept("alice@home.test", ["r1@ok.test", "r2@ok.test", "r3@ok.test"], MESSAGE))
+            await sink.wait_for(2)
+            bounces = await home.wait_for(1)
+            await until(lambda: not spool.messages())
+        assert [m.recipients for m in sink.messages] == [["r1@ok.test"], ["r2@ok.test"]]
+        assert len(home.messages) == 1
+        blocks = dsn_blocks(bounces[0])
+        assert [b["Final-Recipient"] for b in blocks[1:]] == ["rfc822; r3@ok.test"]
