@@ -138,9 +138,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("limits")
     for flag, name, parse, help_text in _FLAGS:
         default = getattr(defaults, name)
-        shown = "" if default is None else f" (default {default:g})" if isinstance(default, float) else f" (default {default})"
+        metavar = {parse_size: "SIZE", parse_duration: "DURATION"}.get(parse, "N")
+        shown = ("" if default is None else f" (default {default:g}s)" if metavar == "DURATION"
+                 else f" (default {default})")
         group.add_argument(flag, dest=f"limit_{name}", type=_typed(parse), default=None,
-                           metavar=name.upper(), help=help_text + shown)
+                           metavar=metavar, help=help_text + shown)
 
 
 def from_args(args: argparse.Namespace) -> Limits:
