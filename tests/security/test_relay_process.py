@@ -172,3 +172,30 @@ async def test_queue_limit_reaches_the_real_relay(tmp_path):
         await client.close()
     finally:
         await relay.astop()
+
+
+async def test_starttls_and_auth_through_the_real_relay(relay_process, tmp_path, ca, client_tls, downstream):
+    cert = tmp_path / "relay.pem"
+    ca.issue_cert("localhost", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(cert))
+    users = tmp_path / "users"
+    users.write_text(f"alice:{hash_password('right horse')}\n")
+    relay = await relay_process("--relay-network", "192.0.2.0/24", "--users", str(users),
+                                "--tls-cert", str(cert), "--tls-key", str(cert)).astart()
+    client = await Client.connect(relay.address[1])
+    await client.cmd(b"EHLO c.test")
+    await client.send(b"STARTTLS\r\nMAIL FROM:<inj@x.test>\r\n")     # the injected command must vanish
+    assert code(await client.reply()) == "220"
+    await client.starttls(client_tls)
+    assert b"AUTH LOGIN PLAIN" in await client.cmd(b"EHLO c.test")
+    assert code(await client.cmd(b"STARTTLS")) == "554 5.5.1"
+    assert code(await client.cmd(b"AUTH PLAIN " + base64.b64encode(b"\0alice\0wrong"))) == "535 5.7.8"
+    assert code(await client.cmd(b"AUTH PLAIN " + base64.b64encode(b"\0alice\0right horse"))) == "235 2.7.0"
+    assert code(await client.cmd(b"MAIL FROM:<a@x.test>")) == "250 2.1.0"
+    assert code(await client.cmd(b"RCPT TO:<b@y.test>")) == "250 2.1.5"
+    await client.cmd(b"DATA")
+    await client.send(MESSAGE)
+    assert code(await client.reply()) == "250 2.0.0"
+    await client.close()
+    await until(lambda: len(downstream.messages) == 1, timeout=30, what="the message at the next hop")
+    assert downstream.messages[0].sender.split()[0] == "<a@x.test>"
+    assert "Traceback" not in relay.log
