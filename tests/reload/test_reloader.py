@@ -298,3 +298,31 @@ async def test_a_relay_started_by_load_snapshot_does_not_reload_an_unchanged_crl
     finally:
         reloader.stop()
         await asyncio.wait_for(task, 10)
+
+
+async def test_a_replaced_engine_finishes_its_delivery_in_flight_then_closes(tmp_path, ctx):
+    from server.engines.base import Envelope
+    from tests.reload.sinks import Sink
+
+    async with Sink("old") as old_sink, Sink("new") as new_sink:
+        path = tmp_path / "routes.rules"
+        path.write_text(rules(f"a = {old_sink.url} tls none"))
+        async with watching(path, ctx) as relay:
+            engine = relay.active.engines["a"]
+            envelope = Envelope("Q1", "me@sender.test", b"Subject: t\r\n\r\nhello\r\n")
+            old_sink.hold = asyncio.Event()
+            delivery = asyncio.create_task(engine.deliver(envelope, ["you@x.test"]))
+            await until(lambda: old_sink.held == 1, what="the delivery in flight")
+            save_atomic(path, rules(f"a = {new_sink.url} tls none"))
+            await until(lambda: relay.swaps, what="the new engine")
+            assert relay.active.engines["a"] is not engine
+            assert not delivery.done()            # retiring waits for it
+            old_sink.hold.set()
+            outcomes = await asyncio.wait_for(delivery, 10)
+            assert outcomes["you@x.test"].kind.name == "DELIVERED"
+            # Then the retired engine closes its pooled connection.
+            await until(lambda: old_sink.connections == 0, what="the old connection closed")
+            new = await relay.active.engines["a"].deliver(envelope, ["you@x.test"])
+            assert new["you@x.test"].kind.name == "DELIVERED"
+            assert len(new_sink.arrivals) == 1 and len(old_sink.arrivals) == 1
+            await relay.active.engines["a"].aclose()
