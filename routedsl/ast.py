@@ -65,7 +65,7 @@ class Name:
     span: Span = field(default=NOWHERE, compare=False)
 
     def __str__(self) -> str:
-        return self.key
+        return quote(self.key)
 
 
 # ---------------------------------------------------------------- conditions

@@ -135,8 +135,13 @@ class AstBuilder(Transformer):
         return A.Or(tuple(ops), span_of(items))
 
     # ---- statements
-    def engine_list(self, items: list[Token]) -> tuple[A.Name, ...]:
-        return tuple(A.Name(str(t).lower(), str(t), token_span(t)) for t in _words(items, "WORD"))
+    def name(self, items: list[Token]) -> A.Name:
+        (t,) = items
+        text = unquote(str(t)) if t.type == "STRING" else str(t)
+        return A.Name(text.lower(), text, token_span(t))
+
+    def engine_list(self, items: list[Any]) -> tuple[A.Name, ...]:
+        return tuple(i for i in items if isinstance(i, A.Name))
 
     def seed_phrase(self, items: list[Token]) -> None:
         return None
@@ -162,7 +167,7 @@ class AstBuilder(Transformer):
         return A.Option("max size", val, is_ref, span_of([items[0], val]), span_of(items[:2]))
 
     def engine_decl(self, items: list[Any]) -> A.EngineDecl:
-        name = A.Name(str(items[1]).lower(), str(items[1]), token_span(items[1]))
+        name = items[1]
         opts = tuple(i for i in items[4:] if isinstance(i, A.Option))
         return A.EngineDecl(name, items[3], opts, span_of(items))
 

@@ -11,14 +11,17 @@ from typing import Iterable
 from routedsl import ast as A
 from routedsl.lint import DOMAIN_FIELDS, plan_of
 from routedsl.table import Decision, EngineSpec, RuleRef
-from routedsl.values import domain_of, parse_size
+from routedsl.values import domain_of, normalize_domain, parse_size
 
 
 def _lower(field: str, text: str) -> str:
     text = text.strip()
     if text.startswith("<") and text.endswith(">"):
         text = text[1:-1]
-    return text.lower().rstrip(".") if field in DOMAIN_FIELDS or "@" in text else text.lower()
+    if field in DOMAIN_FIELDS:
+        return normalize_domain(text)
+    local, at, domain = text.rpartition("@")
+    return local.lower() + at + normalize_domain(domain) if at else text.lower()
 
 
 def _is(pattern: str, value: str) -> bool:
@@ -43,7 +46,7 @@ class NaiveTable:
             return [_lower(field, sender)]
         if field == "from domain":
             return [domain_of(sender)]
-        return [h.lower().rstrip(".") for h in mx]
+        return [normalize_domain(h) for h in mx]
 
     def holds(self, c: A.Condition, recipient: str, sender: str, size: int, mx: tuple[str, ...]) -> bool:
         if isinstance(c, A.Not):

@@ -235,6 +235,9 @@ def _syntax_diag(err: UnexpectedInput, filename: str, lines: list[str]) -> Diagn
             hint = "write: if CONDITION then try ENGINE first"
         elif expected >= {"IS", "MATCHES"} and tok.type in ("_NL", "$END", "THEN"):
             msg = f"unexpected {_describe(tok)}: expected 'is' or 'matches' after the field"
+        elif expected == {"WORD", "REF"}:
+            msg = (f"unexpected {_describe(tok)}; an engine is direct, smtp://HOST[:PORT] "
+                   "or smtps://HOST[:PORT]")
         elif "RPAR" in expected and tok.type in ("_NL", "$END"):
             msg = f"unexpected {_describe(tok)}: a '(' is not closed"
         else:

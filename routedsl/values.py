@@ -112,13 +112,21 @@ def parse_secret_ref(text: str) -> tuple[str, str]:
 # ---------------------------------------------------------------- domains and addresses
 
 def domain_of(address: str) -> str:
-    """The domain of an address, lower-cased, without a trailing dot; '' when there is none."""
+    """The domain of an address, normalized (see normalize_domain); '' when there is none."""
     at = address.rfind("@")
-    return address[at + 1:].lower().rstrip(".") if at >= 0 else ""
+    return normalize_domain(address[at + 1:]) if at >= 0 else ""
 
 
 def normalize_domain(text: str) -> str:
-    return text.lower().rstrip(".")
+    """Lower-cased, no trailing dot; an internationalized name in its ASCII (A-label) form,
+    so a rule written either way matches a recipient written either way."""
+    text = text.lower().rstrip(".")
+    if not text.isascii():
+        try:
+            text = text.encode("idna").decode("ascii")
+        except UnicodeError:
+            pass                      # not a valid IDN: compare it as written
+    return text
 
 
 def normalize_address(text: str) -> str:
@@ -128,7 +136,7 @@ def normalize_address(text: str) -> str:
         text = text[1:-1]
     at = text.rfind("@")
     if at >= 0:
-        return text[:at].lower() + "@" + text[at + 1:].lower().rstrip(".")
+        return text[:at].lower() + "@" + normalize_domain(text[at + 1:])
     return text.lower()
 
 

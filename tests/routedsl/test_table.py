@@ -183,3 +183,18 @@ def test_compiled_table_agrees_with_naive_evaluator(rules, qs):
     naive = NaiveTable(rf, compiled.engines)
     for q in qs:
         assert compiled.plan(*q) == naive.plan(*q), (text, q)
+
+
+def test_internationalized_domains_match_in_either_form():
+    t = table("if destination is bücher.de then use only direct\n"
+              "if from domain is xn--mnchen-3ya.de then use only isp\n")
+    assert t.plan("a@xn--bcher-kva.de").engines == ("direct",)
+    assert t.plan("a@BÜCHER.de").engines == ("direct",)
+    assert t.plan("a@x.org", sender="b@münchen.de").engines == ("isp",)
+
+
+def test_engine_names_may_be_quoted():
+    t = routedsl.compile_text('engine "Big ISP" = smtp://smtp.big.example\nengine direct = direct\n'
+                              'if destination is a.org then try "big isp" first\n')
+    assert t.plan("x@a.org").engines == ("big isp", "direct")
+    assert t.plan("x@a.org").rule.text == 'if destination is a.org then try "big isp" first'
