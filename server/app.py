@@ -63,6 +63,8 @@ class Relay:
         self.servers: list[asyncio.AbstractServer] = []
         self.addresses: list[Address] = []
         self._tasks: list[asyncio.Task] = []
+        self._reloader_task: Optional[asyncio.Task] = None
+        self.handler: Any = None
         self._stopping = asyncio.Event()
 
     # -- start ---------------------------------------------------------------------
@@ -71,14 +73,16 @@ class Relay:
         self.ctx = engine_context(cfg)
         self.snapshot = await self._initial_snapshot()
 
-        from server.queue import Spool
+        from server.queue import Spool, SpoolError
         self.spool = Spool(cfg.spool)
         try:
             waiting = await asyncio.to_thread(self.spool.open)
+        except SpoolError as exc:   # in use by another relay, or not usable
+            self.spool = None
+            raise StartError(str(exc)) from None
         except OSError as exc:
-            raise StartError(f"cannot open the spool {cfg.spool}: {exc}") from None
-        except Exception as exc:  # e.g. the spool is locked by another relay
-            raise StartError(f"cannot open the spool {cfg.spool}: {exc}") from None
+            self.spool = None
+            raise StartError(f"cannot open the spool {cfg.spool}: {exc.strerror or exc}") from None
 
         from server.scheduler import DeliveryConfig, Scheduler
         self.scheduler = Scheduler(
@@ -90,7 +94,8 @@ class Relay:
 
         self.reloader = self._make_reloader()
         if self.reloader is not None:
-            self._tasks.append(asyncio.create_task(self.reloader.run(), name="reloader"))
+            self._reloader_task = asyncio.create_task(self.reloader.run(), name="reloader")
+            self._reloader_task.add_done_callback(self._reloader_ended)
 
         await self._start_listeners()
         table = self.snapshot.table
@@ -124,14 +129,20 @@ class Relay:
         return Reloader(self.config.rules, self.ctx, on_swap=self._swap, initial=self.snapshot,
                         spool=self.config.spool)
 
+    def _reloader_ended(self, task: asyncio.Task) -> None:
+        # Watching is a convenience: if it fails, keep relaying; SIGHUP still reloads.
+        if not task.cancelled() and task.exception() is not None and not self._stopping.is_set():
+            log.error("watching %s failed; rule changes apply on SIGHUP only", self.config.rules,
+                      exc_info=task.exception())
+
     def _swap(self, new) -> None:
         """Called by the reloader on the loop: one assignment. The reloader retires the
         engines the new snapshot does not reuse (they finish their deliveries first)."""
         self.snapshot = new
 
-    async def _close_engine(self, engine) -> None:
+    async def _close_engine(self, engine, timeout: float) -> None:
         try:
-            await asyncio.wait_for(engine.aclose(), self.config.shutdown_timeout)
+            await asyncio.wait_for(engine.aclose(), timeout)
         except Exception:
             log.warning("engine %s did not close cleanly", getattr(engine, "name", "?"), exc_info=True)
 
@@ -188,24 +199,33 @@ class Relay:
                 log.error("%s failed; stopping the relay", task.get_name(), exc_info=task.exception())
 
     async def stop(self) -> None:
+        """Graceful stop within one `shutdown_timeout` in all: no new mail, answer the clients
+        past their final dot, let deliveries in flight finish, close every engine."""
         started = time.monotonic()
+        deadline = started + self.config.shutdown_timeout
+
+        def left() -> float:
+            return max(0.1, deadline - time.monotonic())
+
         for srv in self.servers:
             srv.close()
+        if self.handler is not None and not await self.handler.drain(left()):
+            log.warning("messages still being received at the stop deadline; their clients will send them again")
         if self.reloader is not None:
             await _quietly(self.reloader.stop())
-            if self._tasks and self._tasks[-1].get_name() == "reloader":
-                await _quietly(asyncio.wait_for(asyncio.shield(self._tasks[-1]), self.config.shutdown_timeout))
+            if self._reloader_task is not None:
+                await _quietly(asyncio.wait_for(asyncio.shield(self._reloader_task), left()))
         if self.scheduler is not None:
             try:
-                await asyncio.wait_for(self.scheduler.stop(), self.config.shutdown_timeout)
+                await asyncio.wait_for(self.scheduler.stop(), left())
             except asyncio.TimeoutError:
-                log.warning("deliveries still in flight after %.0fs; they will be retried at the next start",
-                            self.config.shutdown_timeout)
-        for task in self._tasks:
+                log.warning("deliveries still in flight at the stop deadline; they will be retried at the next start")
+        tasks = [*self._tasks, *([self._reloader_task] if self._reloader_task else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.snapshot is not None:
-            await asyncio.gather(*(self._close_engine(e) for e in self.snapshot.engines.values()))
+            await asyncio.gather(*(self._close_engine(e, left()) for e in self.snapshot.engines.values()))
         if self.spool is not None and hasattr(self.spool, "close"):
             await _quietly(asyncio.to_thread(self.spool.close))
         log.info("stopped in %.1fs", time.monotonic() - started)

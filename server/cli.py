@@ -111,7 +111,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         rules=Path(args.rules),
         listen=listen,
         spool=Path(args.spool),
-        hostname=args.hostname or socket.getfqdn() or "localhost",
+        hostname=args.hostname or socket.gethostname() or "localhost",
         nameservers=nameservers,
         relay_networks=networks or ServeConfig.__dataclass_fields__["relay_networks"].default,
         users=_existing_file(args.users, "--users"),

@@ -15,6 +15,7 @@ It never speaks SMTP to the next hop and never decides routes: the scheduler doe
 """
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 from typing import Any, Callable, Optional, Protocol
@@ -80,6 +81,9 @@ class Intake:
         self.content_checked = content_checked
         self.hop_limit = hop_limit
         self.max_header_size = max_header_size
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def handle_RCPT(self, server, session, envelope, address: str, rcpt_options: list[str]) -> str:
         peer_ip = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
@@ -91,11 +95,27 @@ class Intake:
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server, session, envelope) -> str:
+        self._in_flight += 1
+        self._idle.clear()
         try:
             return await self._data(session, envelope)
         except Exception:
             log.exception("internal error while accepting a message; answered 451")
             return INTERNAL_ERROR
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until no message is being handed to the spool (a stop calls this after the
+        listeners are closed, so every client already past the final dot gets its answer).
+        Returns False if some were still in progress after `timeout`."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     async def _data(self, session, envelope) -> str:
         peer_ip = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)

@@ -166,3 +166,31 @@ async def test_received_header_carries_no_client_controlled_line_breaks(tmp_path
     headers = stored.split(b"\r\n\r\n", 1)[0]
     assert not any(line.startswith(b"X-Injected") for line in headers.split(b"\r\n"))
     assert b"\r" not in headers.replace(b"\r\n", b"")
+
+
+async def test_drain_waits_for_a_message_being_handed_to_the_spool(tmp_path):
+    gate = asyncio.Event()
+
+    class SlowSpool(DiskSpool):
+        async def accept(self, *args, **kwargs):
+            await gate.wait()
+            return await super().accept(*args, **kwargs)
+
+    spool = SlowSpool(tmp_path)
+    intake = Intake(spool, hostname="relay.test")
+    server, port = await serve(intake)
+    try:
+        assert await intake.drain(0.1)                       # nothing in progress
+        sending = asyncio.create_task(send(port, "a@example.org", ["b@example.net"], MESSAGE))
+        deadline = asyncio.get_running_loop().time() + 10
+        while intake._in_flight == 0:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+        server.close()                                       # a stop: no new connections
+        assert not await intake.drain(0.2)                   # the client past its dot is still waiting
+        gate.set()
+        assert await intake.drain(5)
+        errors, reply = await sending
+    finally:
+        server.close()
+    assert reply.startswith("2.0.0 Ok: queued as")
