@@ -174,13 +174,13 @@ async def test_slow_data_below_the_minimum_rate_is_cut(relays):
 
 
 async def test_fast_data_longer_than_the_idle_timeout_is_not_cut(relays):
-    relay = await relays(limits=Limits(idle_timeout=1.0, min_data_rate=100))
+    relay = await relays(limits=Limits(idle_timeout=2.0, min_data_rate=100))
     client = await ready(relay)
     await client.cmd(b"MAIL FROM:<a@x.test>")
     await client.cmd(b"RCPT TO:<b@y.test>")
     await client.cmd(b"DATA")
     await client.send(b"Subject: steady\r\n\r\n")
-    for _ in range(8):   # 1.6 s in all, each 0.2 s a 100-byte line: above the minimum rate
+    for _ in range(14):   # 2.8 s in all, each 0.2 s a 100-byte line: above the minimum rate
         await client.send(b"d" * 98 + b"\r\n")
         await asyncio.sleep(0.2)
     await client.send(b".\r\n")
