@@ -109,3 +109,21 @@ def test_refusing_to_start_never_leaves_a_process(tmp_path, make_relay):
         relay.start()
     assert "error[" in str(caught.value)
     assert not relay.running
+
+
+async def test_the_in_process_relay_delivers_and_stops(tmp_path):
+    from tests.support.relay import in_process_relay
+
+    rules = tmp_path / "routes.rules"
+    async with FakeSmtp("127.0.0.3") as sink:
+        rules.write_text(f"engine sink = smtp://127.0.0.3:{sink.port} tls none\n")
+        async with in_process_relay(rules, tmp_path / "spool") as relay:
+            addr = relay.addresses[0]
+            import aiosmtplib
+            await aiosmtplib.send(message("a@home.test", ["b@example.net"], msgid="<inproc@t>"),
+                                  sender="a@home.test", recipients=["b@example.net"],
+                                  hostname=addr.host, port=addr.port, start_tls=False)
+            (got,) = await sink.wait_for(1)
+            assert relay.snapshot.table.engines[0].name == "sink"
+    assert got.header("Message-ID") == "<inproc@t>"
+    assert not any((tmp_path / "spool" / "msg").iterdir())      # delivered and removed

@@ -11,10 +11,17 @@ From async tests (whose fake servers run on the test's event loop) use the `a`-p
 methods, which wait in a thread so the loop keeps serving: `await relay.astart()`,
 `await relay.astop()`. Every process started is stopped by `stop()`/`kill()` or by leaving
 the `with` block; nothing outlives the test.
+
+In-process, in the test's own event loop (no signals, no subprocess; faster to start, and
+the parts are reachable: `relay.spool`, `relay.scheduler`, `relay.snapshot`):
+
+    async with in_process_relay(rules_file, spool_dir, "--nameserver", ns) as relay:
+        host, port = relay.addresses[0].host, relay.addresses[0].port
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import os
 import random
@@ -213,6 +220,28 @@ class RelayProcess:
             return None
         host, _, port = m.group(1).rpartition(":")
         return host.strip("[]"), int(port)
+
+
+@contextlib.asynccontextmanager
+async def in_process_relay(rules: Path | str, spool: Path | str, *flags: str,
+                           listen: str = "127.0.0.1:0", hostname: str = "relay.test"):
+    """The relay of `routedsl serve RULES --spool SPOOL FLAGS...` started in this event loop."""
+    from server.app import Relay, StartError
+    from server.cli import config_from_args, serve_parser
+
+    args = serve_parser().parse_args([str(rules), "--spool", str(spool), "--listen", listen,
+                                      "--hostname", hostname, "--min-backoff", "1s",
+                                      "--max-backoff", "2s", "--shutdown-timeout", "5s", *flags])
+    relay = Relay(config_from_args(args))
+    try:
+        await relay.start()
+    except StartError:
+        await relay.stop()
+        raise
+    try:
+        yield relay
+    finally:
+        await relay.stop()
 
 
 def stable_port(host: str = "127.0.0.1") -> int:
