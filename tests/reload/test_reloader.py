@@ -38,10 +38,9 @@ class Relay:
 
 
 @contextlib.asynccontextmanager
-async def watching(path: Path, ctx, *, spool: Path | None = None, initial_text: str | None = None):
-    text = initial_text if initial_text is not None else path.read_text()
-    initial = build_snapshot(text, str(path), ctx)
-    relay = Relay(dict(path=path, ctx=ctx, initial=initial, spool=spool))
+async def watching(path: Path, ctx, *, spool: Path | None = None, **options):
+    initial = build_snapshot(path.read_text(), str(path), ctx)
+    relay = Relay(dict(path=path, ctx=ctx, initial=initial, spool=spool, **options))
     task = asyncio.create_task(relay.reloader.run())
     try:
         await asyncio.wait_for(relay.reloader.ready.wait(), 5)
@@ -101,7 +100,9 @@ async def test_half_written_file_never_goes_live(rules_file, ctx, caplog):
     full = rules(*reversed(ENGINES), rule_lines=("if destination is x.test then try a first",))
     half = full.split("\n", 1)[0] + "\n"
     assert build_snapshot(half, "half", ctx).table.engines  # valid on its own
-    async with watching(rules_file, ctx) as relay:
+    # A settle time well above the writer's pause, so a busy test machine cannot
+    # stretch the pause past it.
+    async with watching(rules_file, ctx, settle=0.3) as relay:
         with open(rules_file, "w", encoding="utf-8") as handle:
             handle.write(half)
             handle.flush()
@@ -241,7 +242,9 @@ async def test_a_file_that_is_not_utf8_is_refused_at_the_bad_byte(rules_file, ct
     caplog.set_level(logging.INFO, logger="routedsl.reload")
     async with watching(rules_file, ctx) as relay:
         kept = relay.active.version
-        rules_file.write_bytes(VIA_B.encode().replace(b"x.test", b"x\xe9.test"))
+        temp = rules_file.with_name("incoming")
+        temp.write_bytes(VIA_B.encode().replace(b"x.test", b"x\xe9.test"))
+        os.replace(temp, rules_file)   # whole, so the only problem is the encoding
         await until(lambda: refusals(caplog), what="the refusal")
         column = VIA_B.splitlines()[2].index("x.test") + 2
         assert f"{rules_file}:3:{column}: error[bad-encoding]" in refusals(caplog)[0]
