@@ -184,7 +184,12 @@ def _word(term: str) -> str:
 
 
 def _expected_words(expected: set[str]) -> str:
-    words = sorted({_word(t) for t in expected if not t.startswith("__")})
+    expected = {t for t in expected if not t.startswith("__")}
+    extra = set()
+    if {"WORD", "STRING"} <= expected:     # wherever a word fits, a quoted string, <x> or a URL does too
+        expected -= {"WORD", "STRING", "LT", "REF"}
+        extra.add("a value")
+    words = sorted({_word(t) for t in expected} | extra)
     if not words:
         return "nothing more"
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
@@ -235,6 +240,9 @@ def _syntax_diag(err: UnexpectedInput, filename: str, lines: list[str]) -> Diagn
             hint = "write: if CONDITION then try ENGINE first"
         elif expected >= {"IS", "MATCHES"} and tok.type in ("_NL", "$END", "THEN"):
             msg = f"unexpected {_describe(tok)}: expected 'is' or 'matches' after the field"
+        elif tok.type in ("_NL", "$END") and "FIRST" in expected:
+            msg = f"unexpected {_describe(tok)}; expected 'first' after the engine names"
+            hint = "write: try ENGINE[, ENGINE ...] first"
         elif expected == {"WORD", "REF"}:
             msg = (f"unexpected {_describe(tok)}; an engine is direct, smtp://HOST[:PORT] "
                    "or smtps://HOST[:PORT]")
@@ -266,6 +274,29 @@ def _statement_lines(lines: list[str], line: int) -> tuple[int, int]:
                                     and not lines[end].lstrip().startswith("#"))):
         end += 1
     return start, end
+
+
+def _really_accepted(state: object, expected: set[str]) -> set[str]:
+    """The terminals the parser would shift next. LALR merges look-aheads of states that
+    reduce alike, so the table's set can name terminals that fail one reduction later;
+    trying each on a copy of the stack (without building any nodes) tells them apart."""
+    from copy import copy
+
+    from lark.parsers.lalr_parser_state import ParserState
+
+    conf = copy(state.parse_conf)            # type: ignore[attr-defined]
+    conf.callbacks = {}
+    accepted = set()
+    for term in expected:
+        trial = ParserState(conf, None, list(state.state_stack), list(state.value_stack))  # type: ignore[attr-defined]
+        try:
+            trial.feed_token(Token(term, ""), term == "$END")
+        except UnexpectedToken:
+            continue
+        except Exception:                    # anything else means the token got past the table
+            pass
+        accepted.add(term)
+    return accepted or expected
 
 
 def _starts_statement(tok: Token, lines: list[str]) -> bool:
@@ -301,6 +332,8 @@ def parse(text: str, filename: str = "routes.rules") -> tuple[Optional[A.RulesFi
         try:
             tree = scanner().parse("\n".join(work))
         except UnexpectedInput as err:
+            if isinstance(err, UnexpectedToken) and err.state is not None:
+                err.expected = _really_accepted(err.state, err.expected)
             if isinstance(err, UnexpectedToken) and _starts_statement(err.token, work) \
                     and not _STATEMENT_STARTS <= set(err.expected):
                 err = _incomplete_before(err, work)    # the statement above this one is unfinished
