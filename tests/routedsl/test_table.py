@@ -8,7 +8,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import routedsl
-from routedsl import syntax
 from routedsl.api import analyse
 from routedsl.naive import NaiveTable
 
