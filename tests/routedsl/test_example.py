@@ -25,3 +25,30 @@ def test_example_file_loads_with_every_default_resolved():
     assert (direct.port, direct.tls, direct.verify, direct.connections, direct.helo) == (25, "opportunistic", False, 20, "mail.home.net")
     assert table.needs_mx
     assert len(table.version) == 12
+
+
+def test_rules_error_renders_exactly_like_check(tmp_path, capsys):
+    bad = tmp_path / "routes.rules"
+    bad.write_text(EXAMPLE.read_text().replace("first:[somehost]", "first:[somehst]"))
+    assert main(["check", str(bad)]) == 1
+    printed = capsys.readouterr().out
+    try:
+        routedsl.load(bad)
+    except routedsl.RulesError as exc:
+        assert routedsl.render_human(exc.diagnostics, bad.read_text()) == printed == exc.render()
+        assert [d.code for d in exc.diagnostics] == ["unknown-engine"]
+        assert "did you mean 'somehost'?" in printed
+    else:
+        raise AssertionError("load accepted an invalid file")
+
+
+def test_load_refuses_a_file_that_is_not_utf8(tmp_path):
+    p = tmp_path / "routes.rules"
+    p.write_bytes(b"engine direct = direct\n# caf\xe9\n")
+    try:
+        routedsl.load(p)
+    except routedsl.RulesError as exc:
+        (d,) = exc.diagnostics
+        assert (d.code, d.line, d.column) == ("bad-encoding", 2, 6)
+    else:
+        raise AssertionError("load accepted latin-1")
