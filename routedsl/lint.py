@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import difflib
 import functools
+import os
 import re
+import stat
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
@@ -163,6 +165,8 @@ def _resolve_engine(decl: A.EngineDecl, rep: Reporter) -> Optional[EngineSpec]:
             try:
                 k, v = parse_secret_ref(popt.value.text)
                 password = SecretRef(k, v)  # type: ignore[arg-type]
+                if k == "file":
+                    _secret_file_mode(v, popt.value.span, rep)
             except ValueError as exc:
                 rep.error(popt.value.span, "bad-value", str(exc))
                 ok = False
@@ -230,6 +234,19 @@ def _where(first: A.Span, here: A.Span) -> str:
     if first.line == here.line:
         return f"it is first given at column {first.column}"
     return f"it is first given on line {first.line}"
+
+
+def _secret_file_mode(path: str, span: A.Span, rep: Reporter) -> None:
+    """Warn when a password file others may read; look at its mode only, never its content.
+    A missing file is not reported here: `serve` refuses it, `check` cannot know the target machine."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return
+    if stat.S_ISREG(mode) and mode & 0o077:
+        rep.warning(span, "secret-file-permissions",
+                    f"the password file {path} can be read by others (mode {stat.S_IMODE(mode):04o})",
+                    f"chmod 600 {path}")
 
 
 # ---------------------------------------------------------------- rules and expectations

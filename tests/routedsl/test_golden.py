@@ -56,3 +56,18 @@ def test_strict_turns_warnings_into_errors(capsys, monkeypatch):
     assert main(["check", "--strict", "no-effect.rules"]) == 1
     out = capsys.readouterr().out
     assert "error[no-effect]" in out and "OK" not in out.splitlines()[-1]
+
+
+def test_a_password_file_others_can_read_is_warned_about(tmp_path):
+    import routedsl
+    pw = tmp_path / "isp.pw"
+    pw.write_text("secret\n")
+    text = f'engine isp = smtp://smtp.someisp.com:587 user "me" password file:{pw}\n'
+    pw.chmod(0o644)
+    (d,) = routedsl.check_text(text)
+    assert (d.severity, d.code, d.column) == ("warning", "secret-file-permissions", text.index("file:") + 1)
+    assert "mode 0644" in d.message and d.hint == f"chmod 600 {pw}"
+    pw.chmod(0o600)
+    assert routedsl.check_text(text) == []
+    pw.unlink()                     # check reads no secrets: a missing file is serve's business
+    assert routedsl.check_text(text) == []
