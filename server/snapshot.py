@@ -177,8 +177,18 @@ def _secret_diagnostic(text: str, filename: str, spec: "EngineSpec", message: st
         file=filename, line=line, column=column, end_line=line, end_column=end_column,
         severity="error", code="missing-secret",
         message=f"engine '{spec.name}': {message}",
-        hint="the relay keeps its current rules until the secret can be read",
+        hint=_secret_hint(spec),
     )
+
+
+def _secret_hint(spec: "EngineSpec") -> str:
+    ref = spec.password
+    if ref is not None and ref.kind == "env":
+        return (f"set {ref.value} in the environment the relay starts with "
+                f"(a running relay cannot see a new variable)")
+    if ref is not None and ref.kind == "file":
+        return "create the file, readable by the relay, then save the rules or send SIGHUP"
+    return "check the engine's password"
 
 
 def _locate_password(text: str, spec: "EngineSpec") -> tuple[int, int, int]:
