@@ -233,3 +233,34 @@ async def test_status_shows_the_active_version_and_sighup_reloads(tmp_path):
                         "the new version in `routedsl status`")
             assert status()["last_refused"] is None
         assert (await asyncio.to_thread(status))["running"] is False
+
+
+async def test_new_credentials_apply_to_new_connections_after_sighup(tmp_path):
+    import signal
+
+    from tests.support import certs
+    from tests.support.fake_smtp import FakeSmtp
+
+    password = tmp_path / "isp.pw"
+    password.write_text("wrong\n")
+    async with FakeSmtp("127.0.0.1", tls="starttls", auth=("me", "pw-R1ght-7e3")) as isp:
+        rules = tmp_path / "routes.rules"
+        rules.write_text(f'engine isp = smtp://127.0.0.1:{isp.port} user "me" '
+                         f'password file:{password}\n')
+        relay = RelayProcess(rules, tmp_path / "spool", ca_file=certs.ca_file(),
+                             min_backoff="1s", max_backoff="1s")
+        await relay.astart()
+        try:
+            waiting = await send(relay, "friend@x.test")
+            await asyncio.to_thread(relay.wait_for_log, r": deferred .* until ")
+            assert isp.messages == []
+            password.write_text("pw-R1ght-7e3\n")   # the rules file itself is unchanged
+            relay.signal(signal.SIGHUP)
+            await asyncio.to_thread(relay.wait_for_log, r"active: 1 engines, 0 rules \(SIGHUP")
+            [arrived] = await isp.wait_for(1, timeout=15)
+            assert arrived.user == "me" and arrived.tls
+            assert arrived.header("Message-ID") == waiting
+        finally:
+            await relay.astop()
+        assert "Traceback" not in relay.log, relay.log
+        assert "pw-R1ght-7e3" not in relay.log   # no secret in the log
