@@ -16,15 +16,16 @@ from tests.support.relay import RelayProcess
 
 @pytest.fixture
 def make_relay(tmp_path: Path) -> Callable[..., RelayProcess]:
-    """make_relay(rules_text, **RelayProcess options) -> a relay (not started) on its own spool."""
+    """make_relay(rules_text, name="", **RelayProcess options) -> a relay (not started) on its own spool."""
     made: list[RelayProcess] = []
 
-    def make(rules: str, **options) -> RelayProcess:
-        path = tmp_path / "rules" / "routes.rules"
+    def make(rules: str, *, name: str = "", **options) -> RelayProcess:
+        """`name` keeps the rules and spool of several relays in one test apart."""
+        path = tmp_path / f"rules{name}" / "routes.rules"
         path.parent.mkdir(exist_ok=True)
         path.write_text(rules, encoding="utf-8")
         options.setdefault("ca_file", certs.ca_file())
-        relay = RelayProcess(path, tmp_path / "spool", **options)
+        relay = RelayProcess(path, tmp_path / f"spool{name}", **options)
         made.append(relay)
         return relay
 
