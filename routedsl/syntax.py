@@ -114,6 +114,7 @@ class Scanner:
         feed = pstate.feed_token
         states, keywords, ignore = self.states, self.keywords, self.ignore
         master_match, ref_match = self.master.match, self.ref.match
+        new_token = getattr(Token, "_future_new", Token)   # Token(...) minus its keyword-compatibility layer
         pos, line, line_start, n = 0, 1, 0, len(text)
         depth = 0
         last: Optional[Token] = None
@@ -134,7 +135,7 @@ class Scanner:
             if kind in ignore or kind == "_NL":
                 nl = value.count("\n")
                 if kind == "_NL" and not depth:
-                    tok = Token("_NL", value, pos, line, pos - line_start + 1, line, pos - line_start + 2, end)
+                    tok = new_token("_NL", value, pos, line, pos - line_start + 1, line, pos - line_start + 2, end)
                     feed(tok)
                     last = tok
                 if nl:
@@ -151,7 +152,7 @@ class Scanner:
             elif kind == "RPAR" and depth:
                 depth -= 1
             col = pos - line_start + 1
-            last = Token(kind, value, pos, line, col, line, col + len(value), end)
+            last = new_token(kind, value, pos, line, col, line, col + len(value), end)
             feed(last)
             pos = end
         if last is not None and last.type != "_NL":
