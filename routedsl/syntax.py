@@ -1,17 +1,17 @@
 """Text -> AST, and syntax errors as diagnostics.
 
 Owns loading the grammar (through the installed package first, the checkout's
-`grammar/` folder second), the one cached LALR parser (contextual lexer, the AST built
-during the parse), the post-lexer that drops newlines inside parentheses, and turning
-lark's exceptions into `syntax-error` diagnostics that say what was expected in words.
-After an error it blanks the broken statement and parses again, so one run reports
-several errors. Never raises on any input text.
+`grammar/` folder second), the one cached LALR parser (the AST is built during the
+parse, no parse tree), the Scanner that feeds it (a contextual lexer made from the
+grammar's own terminals; lark's own lexer with LinePostLexer is the reference the
+tests compare it with), and turning lark's exceptions into `syntax-error` diagnostics
+that say what was expected in words. After an error it blanks the broken statement
+and parses again, so one run reports several errors. Never raises on any input text.
 """
 from __future__ import annotations
 
 import functools
 import importlib.resources
-import logging
 import re
 from pathlib import Path
 from typing import Iterator, Optional
@@ -22,8 +22,6 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 from routedsl import ast as A
 from routedsl.build import AstBuilder
 from routedsl.diagnostics import Diagnostic, make, normalize_text, printable
-
-log = logging.getLogger("routedsl.syntax")
 
 GRAMMAR_NAME = "routes.lark"
 MAX_SYNTAX_ERRORS = 10
@@ -211,7 +209,8 @@ def _did_you_mean(word: str, choices: list[str]) -> Optional[str]:
 
 
 def _syntax_diag(err: UnexpectedInput, filename: str, lines: list[str]) -> Diagnostic:
-    line, col = max(err.line, 1) if err.line != -1 else len(lines), max(err.column, 1) if err.column != -1 else 1
+    line = err.line if isinstance(err.line, int) and err.line > 0 else len(lines)
+    col = err.column if isinstance(err.column, int) and err.column > 0 else 1
     hint = None
     if isinstance(err, UnexpectedCharacters):
         ch = lines[line - 1][col - 1] if line <= len(lines) and col <= len(lines[line - 1]) else "?"
