@@ -52,3 +52,11 @@ def test_load_refuses_a_file_that_is_not_utf8(tmp_path):
         assert (d.code, d.line, d.column) == ("bad-encoding", 2, 6)
     else:
         raise AssertionError("load accepted latin-1")
+
+
+def test_the_spec_example_and_its_expectations_pass(capsys):
+    """The contract's §1 file with its §4 expectations: valid; its size rule names the first engine."""
+    spec = Path(__file__).parent / "files" / "spec-section-1.rules"
+    assert main(["check", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert "warning[no-effect]" in out and out.endswith("OK (4 engines, 3 rules, 2 expectations)\n")
