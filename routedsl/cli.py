@@ -25,11 +25,20 @@ def _size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("routedsl")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="routedsl",
         description="A rules-driven SMTP relay. Language commands: check, route. "
                     "Relay commands: serve, queue, status, users (see 'routedsl serve --help').")
+    p.add_argument("--version", action="version", version=f"routedsl {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     c = sub.add_parser("check", help="check a rules file: syntax, names, values, shadowed rules, expectations")
     c.add_argument("file", metavar="FILE", help="the rules file ('-' reads standard input)")

@@ -156,3 +156,8 @@ def test_python_dash_m_runs_the_command():
     proc = subprocess.run([sys.executable, "-m", "routedsl", "check", str(EXAMPLE)], capture_output=True,
                           text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.endswith("OK (4 engines, 8 rules, 9 expectations)\n")
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("routedsl ")
