@@ -76,7 +76,7 @@ async def test_the_relay_delivers_through_postfix_as_its_smarthost(make_relay):
                     "--header", "Message-Id: <via-postfix@home.test>", "--body", "through postfix")
                 assert code == 0, transcript
                 (got,) = await sink.wait_for(1, timeout=30)
-                log = relay.log
+                log = (await relay.await_log(r".*engine=postfix .*result=delivered.*")).group(0)
     assert got.header("Message-ID") == "<via-postfix@home.test>"
     assert got.recipients == ["bob@example.net"]
     received = [line for line in got.data.split(b"\r\n\r\n")[0].split(b"\r\n") if line.startswith(b"Received:")]

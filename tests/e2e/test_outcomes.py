@@ -38,6 +38,7 @@ async def test_a_temporary_failure_is_retried_then_delivered(make_relay):
             await send(relay, "me@home.test", ["bob@example.net"],
                        message("me@home.test", ["bob@example.net"], msgid="<retry@t>"))
             (got,) = await out.wait_for(1, timeout=20)
+            await relay.await_log("result=delivered")
             log = relay.log
     assert got.header("Message-ID") == "<retry@t>"
     assert log.count("result=temporary") == 2 and log.count("result=delivered") == 1
@@ -53,6 +54,7 @@ async def test_an_unknown_user_bounces_at_once_with_the_reply(make_relay):
             await send(relay, "me@home.test", rcpts, message("me@home.test", rcpts, msgid="<511@t>"))
             (bounce,) = await home.wait_for(1)
             (delivered,) = await out.wait_for(1)
+            await relay.await_log("result=delivered")
             log = relay.log
     assert delivered.recipients == ["bob@example.net"]
     assert bounce.sender == "" and bounce.recipients == ["me@home.test"]
