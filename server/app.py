@@ -15,8 +15,9 @@ It never parses rules, speaks SMTP or touches spool files itself.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
-import os
+import re
 import signal
 import sys
 import time
@@ -65,6 +66,8 @@ class Relay:
         self._tasks: list[asyncio.Task] = []
         self._reloader_task: Optional[asyncio.Task] = None
         self.handler: Any = None
+        self.metrics: Optional[asyncio.AbstractServer] = None
+        self._attempts: Optional[logging.Handler] = None
         self._stopping = asyncio.Event()
 
     # -- start ---------------------------------------------------------------------
@@ -98,10 +101,17 @@ class Relay:
             self._reloader_task.add_done_callback(self._reloader_ended)
 
         await self._start_listeners()
+        if cfg.metrics is not None:
+            try:
+                self.metrics, self._attempts = await start_metrics(self, cfg.metrics)
+            except OSError as exc:
+                raise StartError(f"cannot listen on {cfg.metrics} for --metrics: {exc.strerror or exc}") from None
+            self.metrics_address = Address(*self.metrics.sockets[0].getsockname()[:2])
         table = self.snapshot.table
-        log.info("routedsl serving on %s spool=%s rules=%s version=%s engines=%d rules=%d waiting=%d",
+        log.info("routedsl serving on %s spool=%s rules=%s version=%s engines=%d rules=%d waiting=%d%s",
                  " ".join(str(a) for a in self.addresses), cfg.spool, cfg.rules,
-                 self.snapshot.version, len(table.engines), table.rule_count, len(waiting or ()))
+                 self.snapshot.version, len(table.engines), table.rule_count, len(waiting or ()),
+                 f" metrics=http://{self.metrics_address}/metrics" if self.metrics else "")
 
     async def _initial_snapshot(self):
         from server.snapshot import build_snapshot
@@ -209,6 +219,9 @@ class Relay:
 
         for srv in self.servers:
             srv.close()
+        if self.metrics is not None:
+            self.metrics.close()
+            logging.getLogger("routedsl.scheduler").removeHandler(self._attempts)
         if self.handler is not None and not await self.handler.drain(left()):
             log.warning("messages still being received at the stop deadline; their clients will send them again")
         if self.reloader is not None:
@@ -229,6 +242,100 @@ class Relay:
         if self.spool is not None and hasattr(self.spool, "close"):
             await _quietly(asyncio.to_thread(self.spool.close))
         log.info("stopped in %.1fs", time.monotonic() - started)
+
+
+# -- metrics ---------------------------------------------------------------------------
+# `--metrics ADDR`: a plain-text Prometheus exposition at http://ADDR/metrics, served with
+# asyncio alone (no client library). Delivery attempts are counted from the scheduler's
+# one-line-per-attempt log record (engine and result fields), so nothing in the delivery
+# path knows about metrics.
+
+class AttemptCounter(logging.Handler):
+    """Counts the scheduler's attempt log lines by (engine, result)."""
+    _RESULT = re.compile(r"result=(\w+)")
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if len(args) < 6 or "engine=%s" not in str(record.msg):
+            return
+        for result in self._RESULT.findall(str(args[5])):
+            self.counts[(str(args[2]), result)] += 1
+
+
+def _label(value: object) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+
+
+def render_metrics(relay: "Relay", attempts: AttemptCounter) -> str:
+    snap, handler = relay.snapshot, relay.handler
+    lines = [
+        "# HELP routedsl_messages_accepted_total Messages acknowledged with 250 after DATA.",
+        "# TYPE routedsl_messages_accepted_total counter",
+        f"routedsl_messages_accepted_total {handler.accepted if handler else 0}",
+        "# HELP routedsl_messages_refused_total Messages refused after DATA (4xx or 5xx).",
+        "# TYPE routedsl_messages_refused_total counter",
+        f"routedsl_messages_refused_total {handler.refused if handler else 0}",
+        "# HELP routedsl_queue_messages Messages waiting in the spool.",
+        "# TYPE routedsl_queue_messages gauge",
+        f"routedsl_queue_messages {len(relay.spool.messages()) if relay.spool else 0}",
+        "# HELP routedsl_deliveries_in_flight Messages being delivered now.",
+        "# TYPE routedsl_deliveries_in_flight gauge",
+        f"routedsl_deliveries_in_flight {relay.scheduler.in_flight if relay.scheduler else 0}",
+        "# HELP routedsl_delivery_attempts_total Recipient results of delivery attempts by engine.",
+        "# TYPE routedsl_delivery_attempts_total counter",
+    ]
+    for (engine, result), count in sorted(attempts.counts.items()):
+        lines.append(f'routedsl_delivery_attempts_total{{engine="{_label(engine)}",result="{_label(result)}"}} {count}')
+    if snap is not None:
+        lines += [
+            "# HELP routedsl_rules_info The active rules version.",
+            "# TYPE routedsl_rules_info gauge",
+            f'routedsl_rules_info{{version="{_label(snap.version)}",engines="{len(snap.engines)}",'
+            f'rules="{snap.table.rule_count}"}} 1',
+            "# HELP routedsl_rules_loaded_timestamp_seconds When the active rules went live.",
+            "# TYPE routedsl_rules_loaded_timestamp_seconds gauge",
+            f"routedsl_rules_loaded_timestamp_seconds {snap.loaded_at:.3f}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+async def start_metrics(relay: "Relay", addr: Address) -> tuple[asyncio.AbstractServer, AttemptCounter]:
+    attempts = AttemptCounter()
+    scheduler_log = logging.getLogger("routedsl.scheduler")
+    if scheduler_log.getEffectiveLevel() > logging.INFO:
+        scheduler_log.setLevel(logging.INFO)   # the attempt lines are INFO records
+    scheduler_log.addHandler(attempts)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            method, _, rest = request.partition(b" ")
+            path = rest.split(b" ", 1)[0]
+            if method == b"GET" and path in (b"/metrics", b"/metrics/"):
+                status, body = "200 OK", render_metrics(relay, attempts).encode()
+                kind = "text/plain; version=0.0.4; charset=utf-8"
+            else:
+                status, body, kind = "404 Not Found", b"try /metrics\n", "text/plain"
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
+                         f"Connection: close\r\n\r\n".encode() + body)
+            await writer.drain()
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+            pass
+        except Exception:
+            log.exception("metrics request failed")
+        finally:
+            writer.close()
+
+    try:
+        server = await asyncio.start_server(answer, addr.host, addr.port, limit=8192)
+    except BaseException:
+        scheduler_log.removeHandler(attempts)
+        raise
+    return server, attempts
 
 
 async def _quietly(result) -> None:

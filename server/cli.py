@@ -59,7 +59,8 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--delay-warning", default="4h", metavar="DURATION")
     p.add_argument("--shutdown-timeout", default="30s", metavar="DURATION",
                    help="how long a stop waits for deliveries in flight (default 30s)")
-    p.add_argument("--metrics", default=None, metavar="ADDR", help="(not supported yet)")
+    p.add_argument("--metrics", default=None, metavar="ADDR",
+                   help="serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9325)")
     p.add_argument("--ca-file", default=None, metavar="PEM",
                    help="extra CA certificates trusted for smarthosts")
     limits = _limits_module()
@@ -91,8 +92,6 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         raise ConfigError("--tls-cert and --tls-key go together")
     if args.listen_tls and args.tls_cert is None:
         raise ConfigError("--listen-tls needs --tls-cert and --tls-key")
-    if args.metrics is not None:
-        raise ConfigError("--metrics is not supported yet")
     listen = parse_address(args.listen, "--listen")
     listen_tls = parse_address(args.listen_tls, "--listen-tls") if args.listen_tls else None
     nameservers = tuple(parse_nameserver(n) for n in args.nameserver)
@@ -124,6 +123,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         queue_lifetime=parse_duration_flag(args.queue_lifetime, "--queue-lifetime"),
         delay_warning=parse_duration_flag(args.delay_warning, "--delay-warning"),
         ca_file=_existing_file(args.ca_file, "--ca-file"),
+        metrics=parse_address(args.metrics, "--metrics") if args.metrics else None,
         shutdown_timeout=parse_duration_flag(args.shutdown_timeout, "--shutdown-timeout"),
         limits=_limits_from(limits_mod, args),
     )

@@ -82,6 +82,8 @@ class Intake:
         self.hop_limit = hop_limit
         self.max_header_size = max_header_size
         self._in_flight = 0
+        self.accepted = 0      # answered 250 after DATA (for --metrics)
+        self.refused = 0       # answered 4xx/5xx after DATA
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -98,14 +100,19 @@ class Intake:
         self._in_flight += 1
         self._idle.clear()
         try:
-            return await self._data(session, envelope)
+            reply = await self._data(session, envelope)
         except Exception:
             log.exception("internal error while accepting a message; answered 451")
-            return INTERNAL_ERROR
+            reply = INTERNAL_ERROR
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
+        if reply.startswith("250"):
+            self.accepted += 1
+        else:
+            self.refused += 1
+        return reply
 
     async def drain(self, timeout: float) -> bool:
         """Wait until no message is being handed to the spool (a stop calls this after the

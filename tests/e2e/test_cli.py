@@ -13,6 +13,10 @@ from server.cli import main
     (["serve", "r.rules", "--nameserver", "dns.example"], "--nameserver: 'dns.example' is not an IP address"),
     (["serve", "r.rules", "--relay-network", "10.0.0.0/33"], "--relay-network: '10.0.0.0/33' is not a network"),
     (["serve", "r.rules", "--tls-cert", "c.pem"], "--tls-cert and --tls-key go together"),
+    (["serve", "r.rules", "--metrics", "localhost"], "--metrics: 'localhost' has no port"),
+    (["serve", "r.rules", "--max-size", "12zb"], "--max-size: '12zb' is not a size"),
+    (["serve", "r.rules", "--min-backoff", "10m", "--max-backoff", "1m"], "--max-backoff (1m) is shorter"),
+    (["serve", "r.rules", "--hop-limit", "0"], "--hop-limit must be more than 0"),
     (["serve"], "the following arguments are required: FILE"),
     (["frobnicate"], "unknown command 'frobnicate'"),
 ])

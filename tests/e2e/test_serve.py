@@ -127,3 +127,36 @@ async def test_the_in_process_relay_delivers_and_stops(tmp_path):
             assert relay.snapshot.table.engines[0].name == "sink"
     assert got.header("Message-ID") == "<inproc@t>"
     assert not any((tmp_path / "spool" / "msg").iterdir())      # delivered and removed
+
+
+async def test_metrics_count_accepted_mail_and_delivery_attempts(make_relay):
+    from tests.support.relay import stable_port
+
+    port = stable_port()
+    async with FakeSmtp("127.0.0.3") as sink:
+        sink.fail_local("nobody", "550 5.1.1 no such user")
+        relay = make_relay(f"engine sink = smtp://127.0.0.3:{sink.port} tls none\n",
+                           args=["--metrics", f"127.0.0.1:{port}"])
+        async with relay:
+            await relay.await_log(rf"metrics=http://127.0.0.1:{port}/metrics")
+            rcpts = ["b@example.net", "nobody@example.net"]
+            await send(relay, "", rcpts, message("", rcpts, msgid="<metrics@t>"))
+            await sink.wait_for(1)
+            await relay.await_log("result=delivered")
+            page = await http_get("127.0.0.1", port, "/metrics")
+            missing = await http_get("127.0.0.1", port, "/other")
+    assert page.startswith("HTTP/1.1 200 OK")
+    assert "\nroutedsl_messages_accepted_total 1\n" in page
+    assert '\nroutedsl_delivery_attempts_total{engine="sink",result="delivered"} 1\n' in page
+    assert '\nroutedsl_delivery_attempts_total{engine="sink",result="final"} 1\n' in page
+    assert 'routedsl_rules_info{version="' in page
+    assert missing.startswith("HTTP/1.1 404")
+
+
+async def http_get(host: str, port: int, path: str) -> str:
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return data.decode()
