@@ -4,9 +4,12 @@ This module owns the order things start and stop in:
   start:  logging -> rules (refuse to start on any error, diagnostics as `check` prints
           them) -> spool.open() (lock + crash recovery) -> scheduler -> reloader ->
           listeners -> one start-up line (listen addresses, spool, rules version, counts).
-  run:    SIGHUP reloads the rules; SIGTERM/SIGINT stop.
-  stop:   close the listeners (no new mail), let deliveries in flight finish within
-          `shutdown_timeout`, stop the reloader, close every engine's connections.
+          (`--metrics`: a Prometheus text page, see the end of this module.)
+  run:    SIGHUP reloads the rules; SIGTERM/SIGINT stop. A failed folder watch only
+          logs (SIGHUP still reloads); a failed scheduler stops the relay.
+  stop:   all within one `shutdown_timeout`: close the listeners (no new mail), answer
+          the clients already past their final dot, stop the reloader, let deliveries in
+          flight finish, close every engine's connections, release the spool.
 
 It holds the one reference to the current Snapshot (`Relay.snapshot`); the scheduler reads
 it through a callable and the reloader replaces it, so a swap is one assignment on the loop.
@@ -67,6 +70,7 @@ class Relay:
         self._reloader_task: Optional[asyncio.Task] = None
         self.handler: Any = None
         self.metrics: Optional[asyncio.AbstractServer] = None
+        self.metrics_address: Optional[Address] = None
         self._attempts: Optional[logging.Handler] = None
         self._stopping = asyncio.Event()
 
@@ -114,7 +118,7 @@ class Relay:
                  f" metrics=http://{self.metrics_address}/metrics" if self.metrics else "")
 
     async def _initial_snapshot(self):
-        from server.snapshot import build_snapshot
+        from server.snapshot import ReloadRefused, build_snapshot
         path = self.config.rules
         try:
             text = await asyncio.to_thread(path.read_text, encoding="utf-8")
@@ -124,18 +128,11 @@ class Relay:
             raise StartError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         try:
             return build_snapshot(text, str(path), self.ctx)
-        except Exception as exc:
-            text_out = _refusal_text(exc)
-            if text_out is None:
-                raise
-            raise StartError(f"{text_out.rstrip()}\nrefusing to start: {path} has errors") from None
+        except ReloadRefused as exc:   # the diagnostics exactly as `routedsl check` prints them
+            raise StartError(f"{exc.text.rstrip()}\nrefusing to start: {path} has errors") from None
 
     def _make_reloader(self):
-        try:
-            from server.reload import Reloader
-        except ImportError:
-            log.warning("hot reload is not available in this build; restart to apply rule changes")
-            return None
+        from server.reload import Reloader
         return Reloader(self.config.rules, self.ctx, on_swap=self._swap, initial=self.snapshot,
                         spool=self.config.spool)
 
@@ -239,7 +236,7 @@ class Relay:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self.snapshot is not None:
             await asyncio.gather(*(self._close_engine(e, left()) for e in self.snapshot.engines.values()))
-        if self.spool is not None and hasattr(self.spool, "close"):
+        if self.spool is not None:
             await _quietly(asyncio.to_thread(self.spool.close))
         log.info("stopped in %.1fs", time.monotonic() - started)
 
@@ -345,18 +342,6 @@ async def _quietly(result) -> None:
             await result
     except Exception:
         log.warning("error while stopping", exc_info=True)
-
-
-def _refusal_text(exc: Exception) -> Optional[str]:
-    """The operator-facing text of a refused rules file or secret, or None for a real bug."""
-    for attr in ("text", "diagnostics_text", "rendered"):
-        value = getattr(exc, attr, None)
-        if isinstance(value, str) and value:
-            return value
-    name = type(exc).__name__
-    if name in ("ReloadRefused", "RulesError", "SecretError"):
-        return str(exc)
-    return None
 
 
 async def serve(config: ServeConfig) -> int:
