@@ -3,10 +3,13 @@
 This module owns the hand-over from the SMTP conversation to the spool:
   * RCPT: relay permission (loopback or --relay-network, or an authenticated session),
     else `554 5.7.1`; the hardened protocol in server/smtp.py may refuse earlier.
-  * DATA: the content policy of server/hygiene.py (line ends, NUL, hop count), a
-    `Received:` header built only from sanitised values, then `await spool.accept(...)`.
-    `250 2.0.0 Ok: queued as ID` is answered only after accept() returns, that is after
-    the message is fsynced (G1). Then the scheduler is woken for it.
+  * DATA: the content policy of server/hygiene.py (line ends, NUL, hop count; the
+    hardened protocol of server/smtp.py applies it already, so the relay passes
+    `content_checked=True`), a `Received:` header built only from sanitised values
+    (hygiene.received_header), then `await spool.accept(...)`. `250 2.0.0 Ok: queued
+    as ID` is answered only after accept() returns, that is after the message is
+    fsynced (G1). Then the scheduler is woken for it.
+  * A stop: `drain()` waits until every client already past its final dot is answered.
   * Failures are answered as temporary (G4): a write error `451 4.3.0`, a full disk or
     quota `452 4.3.1`, anything else `451 4.3.0` with the traceback in the log. Never a
     5xx for our own trouble and never exception text to the client.
