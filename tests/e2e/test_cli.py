@@ -30,3 +30,16 @@ def test_bad_usage_exits_2_with_a_clear_message(argv, words, capsys):
 def test_help_exits_0(capsys):
     assert main(["serve", "--help"]) == 0
     assert "--min-backoff" in capsys.readouterr().out
+
+
+def test_queue_status_and_users_are_handed_on(tmp_path, capsys):
+    from server.queue import Spool
+
+    spool = tmp_path / "spool"
+    with Spool(spool) as opened:
+        opened.put("a@home.test", ["b@example.net"], b"Subject: x\r\n\r\nhi\r\n")
+    assert main(["queue", "list", "--spool", str(spool)]) == 0
+    assert "b@example.net" in capsys.readouterr().out
+    assert main(["queue", "show", "NOSUCHID", "--spool", str(spool)]) == 1
+    assert main(["status", "--spool", str(spool)]) in (0, 1)
+    assert main(["users"]) == 2
