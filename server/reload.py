@@ -212,6 +212,8 @@ class Reloader:
         """Watch until `stop()`; then wait for replaced engines to finish closing."""
         if self.spool is not None:
             await self._write_status()
+        log.info("watching %s for changes (version %s active; SIGHUP reloads too)",
+                 self.path, self.current.version)
         try:
             while not self._stopped.is_set():
                 try:
