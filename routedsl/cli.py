@@ -77,8 +77,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _relay(argv: list[str]) -> int:
+    import importlib
     try:
-        import server.cli as relay_cli
+        relay_cli = importlib.import_module("server.cli")
     except ModuleNotFoundError as exc:
         if exc.name not in ("server", "server.cli"):
             raise
