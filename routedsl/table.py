@@ -64,6 +64,8 @@ Query = tuple  # (recipient, destination, sender, sender domain, size, mx hosts)
 def make_query(recipient: str, sender: str, size: int, mx: Iterable[str]) -> Query:
     rcpt = normalize_address(recipient)
     snd = normalize_address(sender)
+    if isinstance(mx, str):          # one host name given bare, not as a sequence
+        mx = (mx,)
     return (rcpt, domain_of(rcpt), snd, domain_of(snd), size,
             tuple(normalize_domain(h) for h in mx) if mx else ())
 

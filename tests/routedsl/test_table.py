@@ -197,3 +197,8 @@ def test_engine_names_may_be_quoted():
                               'if destination is a.org then try "big isp" first\n')
     assert t.plan("x@a.org").engines == ("big isp", "direct")
     assert t.plan("x@a.org").rule.text == 'if destination is a.org then try "big isp" first'
+
+
+def test_one_mx_host_may_be_given_bare():
+    t = table("if mx is mx1.contoso.com then use only isp\n")
+    assert t.plan("a@contoso.com", mx="MX1.contoso.com.").engines == ("isp",)
