@@ -74,14 +74,15 @@ def queries(n_rules: int, count: int, seed: int = 2) -> list[tuple[str, str, int
     return out
 
 
-def time_load(text: str, repeat: int) -> float:
-    best = float("inf")
+def time_load(text: str, repeat: int) -> tuple[float, float]:
+    """Best wall-clock and best CPU time of compile_text (CPU time tells a busy machine apart)."""
+    wall = cpu = float("inf")
     for _ in range(repeat):
         gc.collect()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         routedsl.compile_text(text)
-        best = min(best, time.perf_counter() - t0)
-    return best
+        wall, cpu = min(wall, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
+    return wall, cpu
 
 
 def time_plan(table: routedsl.RouteTable, qs: list[tuple[str, str, int]], batch: int = 50) -> float:
@@ -105,8 +106,8 @@ def main() -> int:
 
     big_text, small_text = rules_file(args.rules), rules_file(10)
     routedsl.compile_text(small_text)            # build the parser once, outside the timings
-    big_load = time_load(big_text, args.repeat)
-    small_load = time_load(small_text, args.repeat)
+    big_load, big_cpu = time_load(big_text, args.repeat)
+    small_load, small_cpu = time_load(small_text, args.repeat)
     big, small = routedsl.compile_text(big_text), routedsl.compile_text(small_text)
     qs_big, qs_small = queries(args.rules, args.queries), queries(10, args.queries)
     hits = sum(big.plan(*q).rule is not None for q in qs_big)
@@ -118,6 +119,7 @@ def main() -> int:
           f"{args.queries} queries ({hits} decided by a rule, {args.queries - hits} by the default order)")
     print(f"{'':24}{'10 rules':>12}{f'{args.rules} rules':>14}")
     print(f"{'load (best of %d)' % args.repeat:24}{small_load * 1e3:>10.2f}ms{big_load * 1e3:>12.1f}ms")
+    print(f"{'load, CPU time':24}{small_cpu * 1e3:>10.2f}ms{big_cpu * 1e3:>12.1f}ms")
     print(f"{'plan() median':24}{small_plan:>10.2f}us{big_plan:>12.2f}us")
     goals = [("load <= 1 s", big_load <= 1.0), ("plan <= 10 us", big_plan <= 10.0),
              ("plan <= 3x the 10-rule file", ratio <= 3.0)]
