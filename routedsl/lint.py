@@ -326,8 +326,29 @@ def _check_match_value(field: str, v: A.Value, rep: Reporter) -> None:
         rep.error(v.span, "bad-value", "a recipient is never empty", "the empty sender <> is tested with 'from is <>'")
 
 
+MAX_DEPTH = 100
+
+
+def depth(cond: A.Condition) -> int:
+    """How deeply `not`, `and` and `or` nest (iteratively: the input may be absurd)."""
+    deepest, todo = 0, [(cond, 1)]
+    while todo:
+        c, d = todo.pop()
+        deepest = max(deepest, d)
+        if isinstance(c, (A.And, A.Or)):
+            todo.extend((o, d + 1) for o in c.operands)
+        elif isinstance(c, A.Not):
+            todo.append((c.operand, d + 1))
+    return deepest
+
+
 def check_statements(rf: A.RulesFile, known: dict[str, object], rep: Reporter) -> None:
     for rule in rf.rules:
+        if depth(rule.condition) > MAX_DEPTH:
+            rep.error(rule.condition.span, "syntax-error",
+                      f"the condition nests 'not', 'and' and 'or' more than {MAX_DEPTH} deep",
+                      "split it into several rules")
+            continue
         for atom in atoms(rule.condition):
             check_atom(atom, rep)
         check_names(rule.action.engines, known, rep)
