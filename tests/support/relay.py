@@ -6,10 +6,18 @@
     relay.kill(); relay.start()   # SIGKILL, then restart on the same spool and port
     relay.stop()                  # SIGTERM, SIGKILL after a deadline; returns the exit code
     relay.log                     # everything it wrote to stderr, over every run
+    relay.wait_for_log(r"result=delivered")   # poll the log with a deadline
+    relay.signal(signal.SIGHUP)   # reload its rules
+
+Options: `args=[...]` adds serve flags (a repeated flag overrides the runner's own, e.g.
+`--spool`), `env={...}` adds environment variables (secrets), `listen="127.0.0.1:PORT"`
+fixes the address (default: a free port outside the ephemeral range, `stable_port()`,
+which a restart gets back). Backoffs default to 1s..2s and the stop timeout to 5s.
 
 From async tests (whose fake servers run on the test's event loop) use the `a`-prefixed
 methods, which wait in a thread so the loop keeps serving: `await relay.astart()`,
-`await relay.astop()`. Every process started is stopped by `stop()`/`kill()` or by leaving
+`await relay.astop()`, `await relay.akill()`, `await relay.await_log(pattern)`, or
+`async with relay:`. Every process started is stopped by `stop()`/`kill()` or by leaving
 the `with` block; nothing outlives the test.
 
 In-process, in the test's own event loop (no signals, no subprocess; faster to start, and
