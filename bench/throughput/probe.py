@@ -59,8 +59,10 @@ class Prober:
     def __init__(self, host: str, port: int, interval: float) -> None:
         self.host, self.port, self.interval = host, port, interval
         self.accepted: dict[int, float] = {}
+        self.transaction: dict[int, float] = {}   # MAIL FROM .. 250 after DATA, seconds
         self.errors = 0
         self._client: aiosmtplib.SMTP | None = None
+        self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -84,7 +86,7 @@ class Prober:
     async def _loop(self) -> None:
         n = 0
         next_at = time.monotonic()
-        while True:
+        while not self._stopping:
             client = self._client
             next_at += self.interval
             try:
@@ -94,8 +96,10 @@ class Prober:
                     self._client = client
                     await client.connect()
                 n += 1
+                began = time.monotonic()
                 await client.sendmail("probe@source.test", [f"p@{PROBE_DOMAIN}"], self._message(n))
                 self.accepted[n] = time.monotonic()
+                self.transaction[n] = self.accepted[n] - began
             except (aiosmtplib.SMTPException, OSError) as exc:
                 self.errors += 1
                 log.debug("probe %d failed: %s", n, exc)
@@ -105,12 +109,13 @@ class Prober:
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 
     async def stop(self) -> None:
+        """Stop sending. The loop also checks a flag: a client library may turn a
+        cancellation into its own error, which the loop would otherwise survive."""
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            # asyncio.wait never raises the task's own cancellation, but lets ours through
+            await asyncio.wait([self._task], timeout=10)
 
 
 def latencies(prober: Prober, sink: ProbeSink) -> list[float]:

@@ -93,9 +93,6 @@ class PeakSampler:
     async def stop(self) -> int:
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await asyncio.wait([self._task], timeout=5)   # lets our own cancellation through
         self.peak = max(self.peak, self.measure())
         return self.peak

@@ -22,6 +22,7 @@ import json
 import logging
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,7 @@ class RunResult:
     p50_ms: float | None             # probe latency, relay's 250 -> arrival at the probe sink
     p99_ms: float | None
     probes: int
+    accept_p50_ms: float | None      # probe transaction (MAIL .. 250 after DATA): fsync included
     cpu_ms_per_msg: float
     memory_kib: int                  # postfix: peak summed PSS; routedsl: peak PSS
     peak_rss_kib: int | None         # routedsl: VmHWM
@@ -88,6 +90,9 @@ async def one_run(system: str, variant: str, shape: str, rnd: int, args: argpars
         sampler.start()
         prober = Prober(relay.host, relay.port, args.probe_interval)
         prober.start()
+        profiler = None
+        if args.profile and system == "routedsl":
+            profiler = start_profiler(relay.pid, args.profile / f"{variant}-{shape}-{rnd}.txt")
 
         n = args.messages
         timeout = args.source_timeout
@@ -114,6 +119,8 @@ async def one_run(system: str, variant: str, shape: str, rnd: int, args: argpars
 
         complete = await sink.wait_for(n, args.drain_timeout)
         delivered = sink.count
+        if profiler is not None:
+            await asyncio.to_thread(stop_profiler, profiler)
         last = sink.time_of(min(delivered, n)) or time.monotonic()
         await prober.stop()
         # Probes already accepted must arrive too (bounded), or their latency is unknown.
@@ -134,7 +141,9 @@ async def one_run(system: str, variant: str, shape: str, rnd: int, args: argpars
             e2e_msg_s=min(delivered, n) / max(1e-6, last - start),
             accept_msg_s=n / max(1e-6, accepted_at - start),
             p50_ms=_ms(percentile(lat, 0.50)), p99_ms=_ms(percentile(lat, 0.99)),
-            probes=len(lat), cpu_ms_per_msg=1000 * cpu / max(1, handled),
+            probes=len(lat),
+            accept_p50_ms=_ms(percentile(list(prober.transaction.values()), 0.50)),
+            cpu_ms_per_msg=1000 * cpu / max(1, handled),
             memory_kib=memory, peak_rss_kib=peak_rss, processes=processes,
             source_rc=source_rc, note=note,
         )
@@ -149,6 +158,27 @@ async def one_run(system: str, variant: str, shape: str, rnd: int, args: argpars
         await asyncio.to_thread(sink.stop)
 
 
+def start_profiler(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling the relay (collapsed stacks, one line per stack), until stop_profiler."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    py_spy = Path(sys.executable).with_name("py-spy")
+    return subprocess.Popen(
+        [str(py_spy), "record", "--pid", str(pid), "--format", "raw", "--rate", "250",
+         "--nonblocking", "--output", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+    )
+
+
+def stop_profiler(proc: subprocess.Popen[bytes]) -> None:
+    """SIGINT makes py-spy write its file; SIGKILL only if it will not finish."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(1000 * seconds, 1)
 
@@ -159,13 +189,13 @@ def _fmt(v: float | None, digits: int = 0) -> str:
 
 def summary(results: list[RunResult]) -> str:
     """Markdown: every run, then per variant and shape the paired ratios."""
-    out = ["| round | variant | shape | system | msg/s e2e | accept msg/s | p50 ms | p99 ms | CPU ms/msg | memory MiB | note |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| round | variant | shape | system | msg/s e2e | accept msg/s | p50 ms | p99 ms | 250 p50 ms | CPU ms/msg | memory MiB | note |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         mem = r.memory_kib / 1024
         memory = f"{mem:.1f} PSS" + (f" / {r.peak_rss_kib / 1024:.1f} HWM" if r.peak_rss_kib else f" ({r.processes} procs)")
         out.append(f"| {r.round} | {r.variant} | {r.shape} | {r.system} | {_fmt(r.e2e_msg_s)} | "
-                   f"{_fmt(r.accept_msg_s)} | {_fmt(r.p50_ms, 1)} | {_fmt(r.p99_ms, 1)} | "
+                   f"{_fmt(r.accept_msg_s)} | {_fmt(r.p50_ms, 1)} | {_fmt(r.p99_ms, 1)} | {_fmt(r.accept_p50_ms, 1)} | "
                    f"{_fmt(r.cpu_ms_per_msg, 2)} | {memory} | {r.note} |")
     out += ["", "| variant | shape | pairs | routedsl/Postfix e2e: median [min, max] | accept | CPU/msg | memory (PSS) |",
             "|---|---|---|---|---|---|---|"]
@@ -208,6 +238,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-minutes", type=float, default=30.0, help="skip runs that would start later")
     p.add_argument("--routedsl-arg", action="append", default=[], help="extra flag for routedsl serve")
     p.add_argument("--json", type=Path, default=None, help="also write every run as JSON here")
+    p.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                   help="record routedsl under load with py-spy (collapsed stacks) into DIR")
     p.add_argument("--keep-logs", action="store_true", help="print each relay's log tail")
     args = p.parse_args(argv)
     if args.messages is None:
@@ -260,7 +292,7 @@ async def _all_runs(args: argparse.Namespace, results: list[RunResult]) -> None:
                     if args.json:                        # keep what we have if interrupted later
                         args.json.write_text(json.dumps([dataclasses.asdict(x) for x in results], indent=1))
                     print(f"round {rnd} {variant:9} {shape:6} {system:8} e2e {r.e2e_msg_s:7.0f} msg/s  "
-                          f"accept {r.accept_msg_s:7.0f}  p50 {_fmt(r.p50_ms, 1)} ms  p99 {_fmt(r.p99_ms, 1)} ms  "
+                          f"accept {r.accept_msg_s:7.0f}  250 p50 {_fmt(r.accept_p50_ms, 1)} ms  p50 {_fmt(r.p50_ms, 1)} ms  p99 {_fmt(r.p99_ms, 1)} ms  "
                           f"cpu {r.cpu_ms_per_msg:.2f} ms/msg  mem {r.memory_kib / 1024:.1f} MiB  {r.note}",
                           file=sys.stderr, flush=True)
 
