@@ -2,8 +2,8 @@
 
 This module owns the order things start and stop in:
   start:  logging -> rules (refuse to start on any error, diagnostics as `check` prints
-          them) -> spool.open() (lock + crash recovery) -> scheduler -> reloader ->
-          listeners -> one start-up line (listen addresses, spool, rules version, counts).
+          them) -> spool.open() (lock + crash recovery) -> scheduler -> listeners ->
+          reloader -> one start-up line (listen addresses, spool, rules version, counts).
           (`--metrics`: a Prometheus text page, see the end of this module.)
   run:    SIGHUP reloads the rules; SIGTERM/SIGINT stop. A failed folder watch only
           logs (SIGHUP still reloads); a failed scheduler stops the relay.
@@ -99,12 +99,11 @@ class Relay:
                            delay_warning=cfg.delay_warning, mx_context=self.ctx))
         self._tasks.append(asyncio.create_task(self.scheduler.run(), name="scheduler"))
 
-        self.reloader = self._make_reloader()
-        if self.reloader is not None:
-            self._reloader_task = asyncio.create_task(self.reloader.run(), name="reloader")
-            self._reloader_task.add_done_callback(self._reloader_ended)
-
         await self._start_listeners()
+
+        self.reloader = self._make_reloader()
+        self._reloader_task = asyncio.create_task(self.reloader.run(), name="reloader")
+        self._reloader_task.add_done_callback(self._reloader_ended)
         if cfg.metrics is not None:
             try:
                 self.metrics, self._attempts = await start_metrics(self, cfg.metrics)
@@ -188,10 +187,8 @@ class Relay:
         self._stopping.set()
 
     def _on_hup(self) -> None:
-        if self.reloader is None:
-            log.warning("SIGHUP: hot reload is not available in this build")
-            return
-        self.reloader.request("SIGHUP")
+        if self.reloader is not None:
+            self.reloader.request("SIGHUP")
 
     def request_stop(self) -> None:
         self._stopping.set()
