@@ -32,6 +32,7 @@ log = logging.getLogger("routedsl.app")
 
 EXIT_OK = 0
 EXIT_START_FAILED = 1
+EXIT_FAILED = 1          # stopped because a part failed, not because it was asked to
 
 
 class StartError(Exception):
@@ -193,14 +194,18 @@ class Relay:
     def request_stop(self) -> None:
         self._stopping.set()
 
-    async def wait(self) -> None:
-        """Until a stop is requested or a core task dies (that stops the relay too)."""
+    async def wait(self) -> bool:
+        """Until a stop is requested (True) or the scheduler dies (False: the relay stops too,
+        with exit code 1, so a supervisor restarts it on the same spool)."""
         stop = asyncio.create_task(self._stopping.wait())
         done, _ = await asyncio.wait([stop, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
         for task in done:
-            if task is not stop and not task.cancelled() and task.exception() is not None:
-                log.error("%s failed; stopping the relay", task.get_name(), exc_info=task.exception())
+            if task is not stop:
+                problem = None if task.cancelled() else task.exception()
+                log.error("%s ended unexpectedly; stopping the relay", task.get_name(), exc_info=problem)
+                return False
+        return True
 
     async def stop(self) -> None:
         """Graceful stop within one `shutdown_timeout` in all: no new mail, answer the clients
@@ -351,10 +356,10 @@ async def serve(config: ServeConfig) -> int:
         return EXIT_START_FAILED
     relay.install_signals()
     try:
-        await relay.wait()
+        requested = await relay.wait()
     finally:
         await relay.stop()
-    return EXIT_OK
+    return EXIT_OK if requested else EXIT_FAILED
 
 
 def run(config: ServeConfig) -> int:
