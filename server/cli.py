@@ -16,13 +16,14 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from server import limits
+from server.access import DEFAULT_NETWORKS, AccessError, parse_networks
 from server.config import (
     ConfigError,
     ServeConfig,
     parse_address,
     parse_duration_flag,
     parse_nameserver,
-    parse_network,
     parse_size_flag,
 )
 
@@ -63,18 +64,8 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9325)")
     p.add_argument("--ca-file", default=None, metavar="PEM",
                    help="extra CA certificates trusted for smarthosts")
-    limits = _limits_module()
-    if limits is not None:
-        limits.add_arguments(p)
+    limits.add_arguments(p)
     return p
-
-
-def _limits_module():
-    try:
-        from server import limits
-    except ImportError:
-        return None
-    return limits
 
 
 def _existing_file(text: Optional[str], flag: str) -> Optional[Path]:
@@ -95,7 +86,10 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     listen = parse_address(args.listen, "--listen")
     listen_tls = parse_address(args.listen_tls, "--listen-tls") if args.listen_tls else None
     nameservers = tuple(parse_nameserver(n) for n in args.nameserver)
-    networks = tuple(parse_network(n) for n in args.relay_network)
+    try:
+        networks = tuple(str(n) for n in parse_networks(args.relay_network))
+    except AccessError as exc:
+        raise ConfigError(f"--relay-network: {exc}") from None
     min_backoff = parse_duration_flag(args.min_backoff, "--min-backoff")
     max_backoff = parse_duration_flag(args.max_backoff, "--max-backoff")
     if min_backoff <= 0:
@@ -105,14 +99,13 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     max_size = parse_size_flag(args.max_size, "--max-size")
     if max_size <= 0:
         raise ConfigError("--max-size must be more than 0")
-    limits_mod = _limits_module()
     return ServeConfig(
         rules=Path(args.rules),
         listen=listen,
         spool=Path(args.spool),
         hostname=args.hostname or socket.gethostname() or "localhost",
         nameservers=nameservers,
-        relay_networks=networks or ServeConfig.__dataclass_fields__["relay_networks"].default,
+        relay_networks=networks or DEFAULT_NETWORKS,
         users=_existing_file(args.users, "--users"),
         tls_cert=_existing_file(args.tls_cert, "--tls-cert"),
         tls_key=_existing_file(args.tls_key, "--tls-key"),
@@ -125,15 +118,13 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         ca_file=_existing_file(args.ca_file, "--ca-file"),
         metrics=parse_address(args.metrics, "--metrics") if args.metrics else None,
         shutdown_timeout=parse_duration_flag(args.shutdown_timeout, "--shutdown-timeout"),
-        limits=_limits_from(limits_mod, args),
+        limits=_limits_from(args),
     )
 
 
-def _limits_from(limits_mod, args: argparse.Namespace):
-    if limits_mod is None:
-        return None
+def _limits_from(args: argparse.Namespace):
     try:
-        return limits_mod.from_args(args)
+        return limits.from_args(args)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

@@ -1,7 +1,7 @@
 """ServeConfig: everything `routedsl serve` was told on its command line, as one value.
 
 This module owns the shape of the relay's settings and the parsing of the flag values
-that are not sizes or durations (listen addresses, name servers, networks). Sizes and
+that are not sizes or durations (listen addresses, name servers). Sizes and
 durations are parsed by the language's own value parsers (`routedsl.values`), so
 `--max-size 35mb` means exactly what `max size 35mb` means in a rules file.
 
@@ -14,6 +14,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+
+from server.access import DEFAULT_NETWORKS
 
 
 class ConfigError(ValueError):
@@ -37,7 +39,7 @@ class ServeConfig:
     spool: Path = Path("spool")
     hostname: str = "localhost"
     nameservers: tuple[str, ...] = ()
-    relay_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    relay_networks: tuple[str, ...] = DEFAULT_NETWORKS   # loopback only
     users: Optional[Path] = None
     tls_cert: Optional[Path] = None
     tls_key: Optional[Path] = None
@@ -91,14 +93,6 @@ def parse_nameserver(text: str) -> str:
     if addr.port == 53 and not text.rstrip().endswith(":53"):
         return addr.host
     return f"[{addr.host}]:{addr.port}" if ":" in addr.host else f"{addr.host}:{addr.port}"
-
-
-def parse_network(text: str) -> str:
-    """A CIDR such as 192.168.0.0/16 (a bare address means that one host)."""
-    try:
-        return str(ipaddress.ip_network(text.strip(), strict=False))
-    except ValueError:
-        raise ConfigError(f"--relay-network: '{text}' is not a network (expected CIDR, e.g. 192.168.0.0/16)") from None
 
 
 def parse_size_flag(text: str, flag: str) -> int:
