@@ -118,23 +118,22 @@ class Relay:
                  f" metrics=http://{self.metrics_address}/metrics" if self.metrics else "")
 
     async def _initial_snapshot(self):
-        from server.snapshot import ReloadRefused, build_snapshot
+        # Read and decoded exactly as every reload reads it, so the version matches.
+        from server.reload import FileUnstable, load_snapshot
+        from server.snapshot import ReloadRefused
         path = self.config.rules
         try:
-            text = await asyncio.to_thread(path.read_text, encoding="utf-8")
-        except OSError as exc:
-            raise StartError(f"cannot read the rules file {path}: {exc.strerror or exc}") from None
-        except UnicodeDecodeError as exc:
-            raise StartError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-        try:
-            return build_snapshot(text, str(path), self.ctx)
+            return await load_snapshot(path, self.ctx)
+        except (OSError, FileUnstable) as exc:
+            raise StartError(f"cannot read the rules file {path}: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
         except ReloadRefused as exc:   # the diagnostics exactly as `routedsl check` prints them
             raise StartError(f"{exc.text.rstrip()}\nrefusing to start: {path} has errors") from None
 
     def _make_reloader(self):
         from server.reload import Reloader
         return Reloader(self.config.rules, self.ctx, on_swap=self._swap, initial=self.snapshot,
-                        spool=self.config.spool)
+                        spool=self.config.spool, before_retire=self.scheduler.drained)
 
     def _reloader_ended(self, task: asyncio.Task) -> None:
         # Watching is a convenience: if it fails, keep relaying; SIGHUP still reloads.

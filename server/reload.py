@@ -33,7 +33,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Coroutine, Optional
+from typing import TYPE_CHECKING, Awaitable, Callable, Coroutine, Optional
 
 from server.snapshot import (ReloadRefused, Snapshot, assemble, decode_rules, prepare,
                              retired_engines)
@@ -180,8 +180,12 @@ class Reloader:
                  on_swap: Callable[[Snapshot], None], initial: Snapshot, *,
                  spool: str | os.PathLike[str] | None = None,
                  settle: float = 0.05, step_ms: int = 50, debounce_ms: int = 400,
-                 poll_interval_ms: int = 250) -> None:
+                 poll_interval_ms: int = 250,
+                 before_retire: Optional[Callable[[Snapshot], Awaitable[None]]] = None) -> None:
         self.path = Path(path)
+        # Awaited before the engines only `old` had are closed: an attempt that started
+        # with the old snapshot may still need them further down its plan.
+        self.before_retire = before_retire
         self.ctx = ctx
         self.on_swap = on_swap
         self.current = initial
@@ -341,7 +345,7 @@ class Reloader:
             return self._result(False, reason, "swap failed", started)
         self.current = new
         self._refused = None
-        self._spawn(_close_all(retired_engines(old, new)))
+        self._spawn(self._retire(old, new))
         took = time.monotonic() - started
         log.info("rules version %s active: %d engines, %d rules (%s, %.0f ms)",
                  new.version, len(new.engines), new.table.rule_count, reason, took * 1000)
@@ -371,6 +375,12 @@ class Reloader:
         except OSError as exc:
             log.warning("cannot record the active rules version in %s: %s",
                         self.spool, exc.strerror)
+
+    async def _retire(self, old: Snapshot, new: Snapshot) -> None:
+        retired = retired_engines(old, new)
+        if retired and self.before_retire is not None:
+            await self.before_retire(old)
+        await _close_all(retired)
 
     def _spawn(self, coro: Coroutine[object, object, object]) -> None:
         task = asyncio.ensure_future(coro)

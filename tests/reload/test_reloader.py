@@ -329,3 +329,33 @@ async def test_a_replaced_engine_finishes_its_delivery_in_flight_then_closes(tmp
             assert new["you@x.test"].kind.name == "DELIVERED"
             assert len(new_sink.arrivals) == 1 and len(old_sink.arrivals) == 1
             await relay.active.engines["a"].aclose()
+
+
+async def test_retired_engines_wait_until_attempts_on_the_old_rules_are_done(tmp_path, ctx):
+    # The relay passes Scheduler.drained as before_retire: an attempt that started with the
+    # old rules may still need their engines further down its plan.
+    from server.engines.base import Envelope
+    from tests.reload.sinks import Sink
+
+    async with Sink("old") as old_sink, Sink("new") as new_sink:
+        path = tmp_path / "routes.rules"
+        path.write_text(rules(f"a = {old_sink.url} tls none"))
+        gate = asyncio.Event()
+        waited_for: list[Snapshot] = []
+
+        async def attempts_done(snapshot: Snapshot) -> None:
+            waited_for.append(snapshot)
+            await gate.wait()
+
+        async with watching(path, ctx, before_retire=attempts_done) as relay:
+            old = relay.active
+            envelope = Envelope("Q1", "me@sender.test", b"Subject: t\r\n\r\nhello\r\n")
+            save_atomic(path, rules(f"a = {new_sink.url} tls none"))
+            await until(lambda: waited_for, what="the retirement waiting for attempts")
+            assert waited_for == [old] and relay.active is not old
+            # Still open for the attempt that started with the old rules.
+            late = await old.engines["a"].deliver(envelope, ["you@x.test"])
+            assert late["you@x.test"].kind.name == "DELIVERED"
+            gate.set()
+            await until(lambda: old_sink.connections == 0, what="the old engine closed")
+            await relay.active.engines["a"].aclose()
