@@ -9,9 +9,9 @@ commits the returned bytes with `Spool.put(sender="", recipients=[original sende
 kind="bounce" | "delay")`, and decides *whether* to notify (`may_notify`): never the null
 sender, never about a bounce or a notice (no bounce loops).
 
-Remote reply texts arrive cleaned by server/outcome.py; they are cleaned again here
-(control characters to spaces, bounded length) because a DSN is the one place where a
-hostile server's words are copied into headers someone else reads.
+Remote reply texts arrive cleaned by server/outcome.py; they are cleaned again here with
+server/text.py (control characters to spaces, bounded length) because a DSN is the one
+place where a hostile server's words are copied into headers someone else reads.
 """
 from __future__ import annotations
 
@@ -28,18 +28,11 @@ from datetime import datetime, timezone
 from typing import Literal, Optional, Sequence
 
 from server.queue import QueuedMessage
+from server.text import clean_text
 
 Notice = Literal["failed", "delayed"]
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 _ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
-MAX_TEXT = 900
-
-
-def clean(text: str, limit: int = MAX_TEXT) -> str:
-    """One line of printable text: controls (CR, LF, ESC, NUL, ...) become spaces; bounded."""
-    text = _CONTROL.sub(" ", text).strip()
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+MAX_TEXT = 900  # a DSN may quote a longer reply than a log line
 
 
 def needs_smtputf8(msg: QueuedMessage) -> bool:
@@ -72,11 +65,11 @@ def _date(ts: float) -> str:
 
 def _address_field(address: str) -> str:
     # RFC 6533: a non-ASCII address is reported with the utf-8 address type
-    return f"{'rfc822' if address.isascii() else 'utf-8'}; {clean(address, 500)}"
+    return f"{'rfc822' if address.isascii() else 'utf-8'}; {clean_text(address, 500)}"
 
 
 def _diagnostic_field(reply: str) -> str:
-    reply = clean(reply)
+    reply = clean_text(reply, MAX_TEXT)
     kind = "smtp" if re.match(r"^[245]\d\d\b", reply) else "X-routedsl"
     return f"{kind}; {reply}"
 
@@ -98,11 +91,11 @@ def _human_text(notice: Notice, hostname: str, msg: QueuedMessage,
     lines.append("")
     for r in reports:
         what = "failed" if notice == "failed" else "delayed"
-        lines.append(f"<{clean(r.address, 500)}>: {what} ({r.status})")
+        lines.append(f"<{clean_text(r.address, 500)}>: {what} ({r.status})")
         if not r.tried:
             lines.append("    no delivery engine was tried")
         for engine, reply in r.tried:
-            lines.append(f"    engine {clean(engine, 100)}: {clean(reply)}")
+            lines.append(f"    engine {clean_text(engine, 100)}: {clean_text(reply, MAX_TEXT)}")
         lines.append("")
     return "\n".join(lines)
 
@@ -134,7 +127,7 @@ def build_notice(*, notice: Notice, msg: QueuedMessage, headers: bytes,
     status["Content-Type"] = "message/delivery-status"
     status["Content-Description"] = "Delivery report"
     per_message = Message(policy=policy)
-    per_message["Reporting-MTA"] = f"dns; {clean(hostname, 255)}"
+    per_message["Reporting-MTA"] = f"dns; {clean_text(hostname, 255)}"
     per_message["X-Queue-ID"] = msg.id
     per_message["Arrival-Date"] = _date(msg.arrival)
     status.attach(per_message)
@@ -144,7 +137,7 @@ def build_notice(*, notice: Notice, msg: QueuedMessage, headers: bytes,
         block["Action"] = notice
         block["Status"] = r.status
         if r.remote:
-            block["Remote-MTA"] = f"dns; {clean(r.remote, 255)}"
+            block["Remote-MTA"] = f"dns; {clean_text(r.remote, 255)}"
         if r.diagnostic:
             block["Diagnostic-Code"] = _diagnostic_field(r.diagnostic)
         block["Last-Attempt-Date"] = _date(now)
@@ -157,12 +150,12 @@ def build_notice(*, notice: Notice, msg: QueuedMessage, headers: bytes,
         else "Delayed message headers"
 
     report = MIMEMultipart("report", report_type="delivery-status", policy=policy)
-    report["From"] = f"Mail Delivery System <MAILER-DAEMON@{clean(hostname, 255)}>"
+    report["From"] = f"Mail Delivery System <MAILER-DAEMON@{clean_text(hostname, 255)}>"
     report["To"] = f"<{msg.sender}>"
     report["Subject"] = ("Undelivered Mail Returned to Sender" if notice == "failed"
                          else "Delayed Mail (still being retried)")
     report["Date"] = _date(now)
-    report["Message-ID"] = make_msgid(idstring=msg.id, domain=clean(hostname, 255))
+    report["Message-ID"] = make_msgid(idstring=msg.id, domain=clean_text(hostname, 255))
     report["Auto-Submitted"] = "auto-replied"
     for part in (human, status, original):
         report.attach(part)

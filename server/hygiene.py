@@ -297,13 +297,3 @@ def received_header(*, helo: Optional[str], peer_ip: str, hostname: str, protoco
         lines[-1] += ";"
     lines.append(f"\t{formatdate(when, localtime=False)}")
     return ("\r\n".join(lines) + "\r\n").encode("ascii")
-
-
-_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]+")
-
-
-def clean_text(text: str, limit: int = 512) -> str:
-    """Text from outside (a remote reply, a client value) made safe for one log or header
-    line: every control character becomes a space, runs of spaces shrink, length capped."""
-    cleaned = " ".join(_CONTROLS.sub(" ", str(text)).split())
-    return cleaned if len(cleaned) <= limit else cleaned[: limit - 3] + "..."

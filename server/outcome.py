@@ -11,9 +11,9 @@ Every aiosmtplib exception, SMTP reply, DNS error and TLS failure is turned into
 * any 4xx, connection, timeout, TLS, DNS, AUTH failure: temporary engine fault;
 * relaying denied, message too large, any other 5xx: permanent but not final.
 
-Reply texts come from remote servers and are attacker-controlled: they are cleaned
-(no control characters, no escape sequences, no bare CR/LF, bounded length) before an
-Outcome carries them anywhere (logs, queue state, bounces).
+Reply texts come from remote servers and are attacker-controlled: they are cleaned by
+server/text.py (no control characters, no escape sequences, no bare CR/LF, bounded
+length) before an Outcome carries them anywhere (logs, queue state, bounces).
 
 It never opens a socket, never logs a delivery and never raises.
 """
@@ -23,7 +23,6 @@ import enum
 import logging
 import re
 import ssl
-import unicodedata
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,9 +30,10 @@ import aiosmtplib
 import dns.exception
 import dns.resolver
 
+from server.text import MAX_TEXT, clean_text  # MAX_TEXT: the bound of every Outcome.text
+
 log = logging.getLogger("routedsl.outcome")
 
-MAX_TEXT = 400  # characters kept of a remote reply: enough for a diagnosis, bounded for a log line
 
 # RFC 3463: class.subject.detail, the class must agree with the reply code's first digit.
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
@@ -94,31 +94,6 @@ class Outcome:
     @property
     def permanent(self) -> bool:
         return self.kind is Kind.PERMANENT
-
-
-def clean_text(text: object, limit: int = MAX_TEXT) -> str:
-    """Make a remote text safe to log, store and put in a header.
-
-    Every control or format character (C0, DEL, C1, ESC, bidi marks, line and paragraph
-    separators) becomes a space, runs of blanks collapse, and the result is cut at
-    `limit` characters. Multi-line replies arrive with lines joined by newlines: they
-    become one line.
-    """
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", errors="replace")
-    out = []
-    for ch in str(text):
-        if ch.isascii():
-            out.append(ch if " " <= ch <= "~" else " ")
-        elif unicodedata.category(ch)[0] in ("C", "Z") and ch != "\u00a0":
-            # Cc/Cf/Cs/Co/Cn and Zl/Zp/Zs (other than the plain no-break space)
-            out.append(" ")
-        else:
-            out.append(ch)
-    cleaned = " ".join("".join(out).split())
-    if len(cleaned) > limit:
-        cleaned = cleaned[: limit - 3].rstrip() + "..."
-    return cleaned
 
 
 def split_enhanced(code: Optional[int], message: str) -> tuple[Optional[str], str]:

@@ -44,6 +44,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, TLSSetupException, syntax
 from server import hygiene
 from server.access import RelayAccess
 from server.limits import Limits
+from server.text import clean_text
 
 log = logging.getLogger("routedsl.smtp")
 
@@ -438,7 +439,7 @@ class RelaySMTP(SMTP):
         else:
             # A slow KDF must not stall every other session: check in a worker thread.
             ok = bool(await asyncio.to_thread(self.users.verify, login, password))
-        shown = hygiene.clean_text(login, 64)
+        shown = clean_text(login, 64)
         if ok:
             log.info("%s: authenticated as %r", self.peer_ip, shown)
             return AuthResult(success=True, handled=False, auth_data=Authenticated(login))
@@ -530,7 +531,7 @@ class RelaySMTP(SMTP):
             self.envelope.mail_from = address
             self.envelope.mail_options.extend(options)
             status = "250 2.1.0 Ok"
-        log.info("%s: sender %r", self.peer_ip, hygiene.clean_text(address, 300))
+        log.info("%s: sender %r", self.peer_ip, clean_text(address, 300))
         await self.push(status)
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")

@@ -10,6 +10,7 @@ import pytest
 
 from server import outcome as oc
 from server.outcome import Kind, Stage
+from server.text import clean_text
 
 D, T, P = Kind.DELIVERED, Kind.TEMPORARY, Kind.PERMANENT
 
@@ -135,7 +136,7 @@ def test_reply_text_is_bounded():
 
 @pytest.mark.parametrize("text", ["", "\x00\x01", "ok", "x" * 5000, "é\u0085ü", b"\xff\xfe bytes"])
 def test_clean_text_total(text):
-    cleaned = oc.clean_text(text)
+    cleaned = clean_text(text)
     assert all(c == " " or c.isprintable() for c in cleaned)
     assert len(cleaned) <= oc.MAX_TEXT
 

@@ -8,8 +8,9 @@ import re
 import pytest
 from hypothesis import given, strategies as st
 
-from server.hygiene import (Path, Refusal, check_helo, clean_message, clean_text, count_received,
+from server.hygiene import (Path, Refusal, check_helo, clean_message, count_received,
                             normalise_line_ends, parse_path, received_header)
+from server.text import clean_text
 
 BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
