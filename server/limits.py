@@ -11,14 +11,11 @@ reserve defaults to 1.5 times that size, as Postfix requires of its queue file s
 from __future__ import annotations
 
 import argparse
-import re
 from dataclasses import dataclass, fields
 from typing import Optional
 
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3,
-               "kib": 1024, "mib": 1024**2, "gib": 1024**3}
-_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_NUMBER_UNIT = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
+# Sizes and durations are spelled as in the rules file (the units the README documents).
+from routedsl.values import parse_duration, parse_size
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,24 +66,6 @@ class Limits:
 
     def reserve_for(self, max_size: int) -> int:
         return self.disk_reserve if self.disk_reserve is not None else (max_size * 3) // 2
-
-
-def parse_size(text: str) -> int:
-    """`2000kb` -> 2_000_000 (kb/mb/gb are powers of 1000, kib/mib/gib powers of 1024)."""
-    match = _NUMBER_UNIT.fullmatch(str(text))
-    unit = match.group(2).lower() if match else ""
-    if not match or unit not in _SIZE_UNITS:
-        raise ValueError(f"'{text}' is not a size (e.g. 100kb, 35mb, 1mib)")
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
-
-
-def parse_duration(text: str) -> float:
-    """`90s`, `5m`, `1h`, `2d`, or plain seconds."""
-    match = _NUMBER_UNIT.fullmatch(str(text))
-    unit = match.group(2).lower() if match else ""
-    if not match or unit not in _DURATION_UNITS:
-        raise ValueError(f"'{text}' is not a duration (e.g. 30s, 5m, 1h)")
-    return float(match.group(1)) * _DURATION_UNITS[unit]
 
 
 def _count(text: str) -> int:
