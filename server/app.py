@@ -153,18 +153,12 @@ class Relay:
             log.warning("engine %s did not close cleanly", getattr(engine, "name", "?"), exc_info=True)
 
     async def _start_listeners(self) -> None:
-        from server.access import RelayAccess
         from server.intake import Intake
-        from server.limits import Limits
         from server.smtp import ListenerError, start_listeners
         cfg = self.config
-        limits = cfg.limits or Limits()
-        # RelaySMTP validates the conversation and applies the DATA policy before the
-        # handler runs, so the intake does not check the content a second time.
-        self.handler = Intake(self.spool, hostname=cfg.hostname, on_accepted=self.scheduler.wake,
-                              may_relay=RelayAccess.from_cidrs(cfg.relay_networks).may_relay,
-                              content_checked=True, hop_limit=limits.hop_limit,
-                              max_header_size=limits.max_header_size)
+        # RelaySMTP checks relay access at RCPT and applies the DATA policy before the
+        # handler runs; the intake only stamps and queues.
+        self.handler = Intake(self.spool, hostname=cfg.hostname, on_accepted=self.scheduler.wake)
         try:
             self.servers = list(await start_listeners(self.handler, cfg))
         except ListenerError as exc:

@@ -1,11 +1,10 @@
 """The aiosmtpd handler: what happens to a message once the client has sent it.
 
-This module owns the hand-over from the SMTP conversation to the spool:
-  * RCPT: relay permission (loopback or --relay-network, or an authenticated session),
-    else `554 5.7.1`; the hardened protocol in server/smtp.py may refuse earlier.
-  * DATA: the content policy of server/hygiene.py (line ends, NUL, hop count; the
-    hardened protocol of server/smtp.py applies it already, so the relay passes
-    `content_checked=True`), a `Received:` header built only from sanitised values
+This module owns the hand-over from the SMTP conversation to the spool. It runs under
+the hardened protocol of server/smtp.py (RelaySMTP), which has already refused a client
+that may not relay (at RCPT, server/access.py) and applied the DATA policy of
+server/hygiene.py (line ends, NUL, hop count, header size) before DATA reaches it:
+  * DATA: a `Received:` header built only from sanitised values
     (hygiene.received_header), then `await spool.accept(...)`. `250 2.0.0 Ok: queued
     as ID` is answered only after accept() returns, that is after the message is
     fsynced (G1). Then the scheduler is woken for it.
@@ -24,12 +23,10 @@ import logging
 from typing import Any, Callable, Optional, Protocol
 
 from server import hygiene
-from server.access import RelayAccess
 
 log = logging.getLogger("routedsl.intake")
 
 OK_QUEUED = "250 2.0.0 Ok: queued as {id}"
-RELAY_DENIED = "554 5.7.1 Relay access denied"
 WRITE_ERROR = "451 4.3.0 Error: queue file write error, try again later"
 DISK_FULL = "452 4.3.1 Insufficient system storage, try again later"
 INTERNAL_ERROR = "451 4.3.0 Internal error, try again later"
@@ -59,45 +56,19 @@ def _tls_version(session: Any) -> Optional[str]:
         return None
 
 
-def _login(session: Any) -> Optional[str]:
-    if not getattr(session, "authenticated", False):
-        return None
-    data = getattr(session, "auth_data", None) or getattr(session, "login_data", None)
-    login = getattr(data, "login", data)
-    if isinstance(login, bytes):
-        login = login.decode("utf-8", "replace")
-    return str(login) if login else "authenticated"
-
-
 class Intake:
     """The aiosmtpd handler. `on_accepted(msg)` is called after each durable accept (scheduler.wake)."""
 
     def __init__(self, spool: Spool, *, hostname: str,
-                 on_accepted: Callable[[Any], None] = lambda msg: None,
-                 may_relay: Callable[[str, Optional[str]], bool] = RelayAccess().may_relay,
-                 content_checked: bool = False, hop_limit: int = 50,
-                 max_header_size: int = 102_400) -> None:
+                 on_accepted: Callable[[Any], None] = lambda msg: None) -> None:
         self.spool = spool
         self.hostname = hostname
         self.on_accepted = on_accepted
-        self.may_relay = may_relay
-        self.content_checked = content_checked
-        self.hop_limit = hop_limit
-        self.max_header_size = max_header_size
         self._in_flight = 0
         self.accepted = 0      # answered 250 after DATA (for --metrics)
         self.refused = 0       # answered 4xx/5xx after DATA
         self._idle = asyncio.Event()
         self._idle.set()
-
-    async def handle_RCPT(self, server, session, envelope, address: str, rcpt_options: list[str]) -> str:
-        peer_ip = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
-        if not self.may_relay(peer_ip, _login(session)):
-            log.info("relay denied: client %s recipient %r", peer_ip, address)
-            return RELAY_DENIED
-        envelope.rcpt_tos.append(address)
-        envelope.rcpt_options.extend(rcpt_options)
-        return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server, session, envelope) -> str:
         self._in_flight += 1
@@ -130,13 +101,6 @@ class Intake:
     async def _data(self, session, envelope) -> str:
         peer_ip = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
         data = envelope.original_content or b""
-        if not self.content_checked:
-            cleaned = hygiene.clean_message(data, hop_limit=self.hop_limit,
-                                            max_header_size=self.max_header_size)
-            if isinstance(cleaned, hygiene.Refusal):
-                log.warning("refused a message from %s: %s", peer_ip, cleaned.reply)
-                return cleaned.reply
-            data = cleaned
         sender = "" if envelope.mail_from in (None, "", "<>") else envelope.mail_from
         recipients = list(envelope.rcpt_tos)
         smtputf8 = bool(getattr(envelope, "smtp_utf8", False))

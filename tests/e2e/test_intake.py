@@ -1,8 +1,9 @@
-"""The intake handler in a real aiosmtpd server on loopback: what a client is answered.
+"""The intake handler behind the relay's own listener on loopback: what a client is answered.
 
 The spool here is a small stand-in with the same `accept` coroutine as server.queue.Spool,
 so each failure the real disk can produce (full, write error, a bug) can be provoked on
-demand; the SMTP side is the real aiosmtpd server and a real client.
+demand; the SMTP side is the relay's RelaySMTP, started by `start_listeners` as the app
+starts it, and a real client.
 """
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiosmtplib
 import pytest
 from aiosmtpd.smtp import SMTP
 
-from server.access import RelayAccess
 from server.intake import Intake
+from server.smtp import start_listeners
 
 
 @dataclass
@@ -51,11 +53,11 @@ class DiskSpool:
         return msg
 
 
-async def serve(handler, host="127.0.0.1"):
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: SMTP(handler, hostname="relay.test", enable_SMTPUTF8=True, data_size_limit=10_000_000),
-        host=host, port=0)
+async def serve(handler, relay_networks=()):
+    """The handler behind the relay's listener (relay networks default to loopback)."""
+    config = SimpleNamespace(listen=("127.0.0.1", 0), hostname="relay.test", max_size=10_000_000,
+                             relay_networks=tuple(relay_networks))
+    server, = await start_listeners(handler, config)
     return server, server.sockets[0].getsockname()[1]
 
 
@@ -115,8 +117,7 @@ async def test_spool_failures_are_temporary_and_reveal_nothing(tmp_path, error, 
 
 async def test_relay_refused_outside_the_relay_networks(tmp_path):
     spool = DiskSpool(tmp_path)
-    server, port = await serve(Intake(spool, hostname="relay.test",
-                                      may_relay=RelayAccess.from_cidrs(["127.0.0.1/32"]).may_relay), host="127.0.0.1")
+    server, port = await serve(Intake(spool, hostname="relay.test"), relay_networks=["127.0.0.1/32"])
     try:
         with pytest.raises(aiosmtplib.SMTPRecipientsRefused) as caught:
             await send(port, "a@example.org", ["b@example.net"], MESSAGE, source="127.0.0.2")
@@ -143,8 +144,14 @@ async def test_more_than_50_hops_is_refused_as_a_loop(tmp_path):
 
 
 async def test_received_header_carries_no_client_controlled_line_breaks(tmp_path):
+    # RelaySMTP refuses this EHLO outright (tests/security/test_input_hygiene.py). Here the
+    # header the intake writes is tried on its own, so the handler runs under aiosmtpd's
+    # plain SMTP, which passes the name through.
     spool = DiskSpool(tmp_path)
-    server, port = await serve(Intake(spool, hostname="relay.test"))
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: SMTP(Intake(spool, hostname="relay.test"), hostname="relay.test"), host="127.0.0.1", port=0)
+    port = server.sockets[0].getsockname()[1]
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         await reader.readline()
