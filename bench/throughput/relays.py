@@ -33,11 +33,17 @@ FAILOVER_DOMAIN = "half.test"      # in the failover variant, half the load goes
 VARIANTS = ("base", "rules1000", "failover")
 
 
-def routes_text(variant: str, sink_port: int, probe_port: int, dead_port: int) -> str:
-    """routes.rules for routedsl: everything to the sink; probes to the probe sink."""
+def routes_text(variant: str, sink_port: int, probe_port: int, dead_port: int,
+                connections: int | None = None) -> str:
+    """routes.rules for routedsl: everything to the sink; probes to the probe sink.
+
+    ``connections``: the sink engine's connection limit (default: the language's, 10;
+    Postfix opens up to 20 to one destination by default).
+    """
+    conn = f" connections {connections}" if connections else ""
     lines = [
         f"# routedsl benchmark, variant {variant}",
-        f"engine sink  = smtp://127.0.0.1:{sink_port} tls none",
+        f"engine sink  = smtp://127.0.0.1:{sink_port} tls none{conn}",
         f"engine probe = smtp://127.0.0.1:{probe_port} tls none",
     ]
     if variant in ("rules1000", "failover"):
@@ -119,16 +125,19 @@ class PostfixRelay:
 
 
 class RoutedslRelay:
-    name = "routedsl"
+    """routedsl as a subprocess; with ``patches``, through tuned_serve.py (system "tuned")."""
 
     def __init__(self, variant: str, sink_port: int, probe_port: int, dead_port: int,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), patches: str | None = None,
+                 connections: int | None = None) -> None:
+        self.name = "routedsl" if patches is None else "tuned"
+        self.patches = patches
         self.variant = variant
         self.host = "127.0.0.1"
         self.port = free_port(self.host)
         self.root = Path(tempfile.mkdtemp(prefix="routedsl-bench-"))
         self.rules = self.root / "routes.rules"
-        self.rules.write_text(routes_text(variant, sink_port, probe_port, dead_port))
+        self.rules.write_text(routes_text(variant, sink_port, probe_port, dead_port, connections))
         self.spool = self.root / "spool"
         self.log_file = self.root / "relay.log"
         self.extra_args = extra_args
@@ -140,7 +149,9 @@ class RoutedslRelay:
         return self._proc.pid
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "routedsl", "serve", str(self.rules),
+        launcher = ["-m", "routedsl"] if self.patches is None else [
+            str(Path(__file__).resolve().with_name("tuned_serve.py")), "--patches", self.patches]
+        return [sys.executable, *launcher, "serve", str(self.rules),
                 "--spool", str(self.spool), "--listen", f"{self.host}:{self.port}",
                 "--hostname", "relay.test", *self.extra_args]
 
@@ -183,8 +194,16 @@ class RoutedslRelay:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+SYSTEMS = ("postfix", "routedsl", "tuned")
+
+
 def make_relay(system: str, variant: str, sink_port: int, probe_port: int, dead_port: int,
-               routedsl_args: tuple[str, ...] = ()) -> PostfixRelay | RoutedslRelay:
+               routedsl_args: tuple[str, ...] = (), patches: str = "all",
+               connections: int | None = None) -> PostfixRelay | RoutedslRelay:
     if system == "postfix":
         return PostfixRelay(variant, sink_port, probe_port, dead_port)
-    return RoutedslRelay(variant, sink_port, probe_port, dead_port, routedsl_args)
+    if system == "tuned":
+        return RoutedslRelay(variant, sink_port, probe_port, dead_port, routedsl_args, patches,
+                             connections)
+    return RoutedslRelay(variant, sink_port, probe_port, dead_port, routedsl_args,
+                         connections=connections)

@@ -34,7 +34,7 @@ sys.path.insert(1, str(HERE.parents[1]))          # the repository: tests.suppor
 import procstat  # noqa: E402
 from peers import SmtpSink, ensure_packages, free_port, smtp_source  # noqa: E402
 from probe import ProbeSink, Prober, latencies  # noqa: E402
-from relays import FAILOVER_DOMAIN, LOAD_DOMAIN, VARIANTS, make_relay  # noqa: E402
+from relays import FAILOVER_DOMAIN, LOAD_DOMAIN, SYSTEMS, VARIANTS, make_relay  # noqa: E402
 
 log = logging.getLogger("routedsl.bench")
 
@@ -82,7 +82,7 @@ async def one_run(system: str, variant: str, shape: str, rnd: int, args: argpars
         await probe_sink.start()
         dead_port = free_port()
         relay = make_relay(system, variant, sink.port, probe_sink.port, dead_port,
-                           tuple(args.routedsl_arg))
+                           tuple(args.routedsl_arg), args.tuned_patches, args.engine_connections)
         await asyncio.to_thread(relay.start)
         await asyncio.sleep(0.5)                 # let start-up work settle before the CPU baseline
         cpu0 = relay.cpu_seconds()
@@ -91,7 +91,7 @@ async def one_run(system: str, variant: str, shape: str, rnd: int, args: argpars
         prober = Prober(relay.host, relay.port, args.probe_interval)
         prober.start()
         profiler = None
-        if args.profile and system == "routedsl":
+        if args.profile and system != "postfix":
             profiler = start_profiler(relay.pid, args.profile / f"{variant}-{shape}-{rnd}.txt")
 
         n = args.messages
@@ -197,27 +197,30 @@ def summary(results: list[RunResult]) -> str:
         out.append(f"| {r.round} | {r.variant} | {r.shape} | {r.system} | {_fmt(r.e2e_msg_s)} | "
                    f"{_fmt(r.accept_msg_s)} | {_fmt(r.p50_ms, 1)} | {_fmt(r.p99_ms, 1)} | {_fmt(r.accept_p50_ms, 1)} | "
                    f"{_fmt(r.cpu_ms_per_msg, 2)} | {memory} | {r.note} |")
-    out += ["", "| variant | shape | pairs | routedsl/Postfix e2e: median [min, max] | accept | CPU/msg | memory (PSS) |",
-            "|---|---|---|---|---|---|---|"]
+    systems = list(dict.fromkeys(r.system for r in results))
+    out += ["", "| ratio | variant | shape | pairs | e2e msg/s: median [min, max] | accept msg/s | CPU/msg | memory (PSS) | p50 latency |",
+            "|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r.variant, r.shape) for r in results}, key=lambda k: (VARIANTS.index(k[0]), k[1]))
-    for variant, shape in keys:
-        pairs = []
-        for rnd in sorted({r.round for r in results}):
-            by = {r.system: r for r in results if (r.variant, r.shape, r.round) == (variant, shape, rnd)}
-            if "postfix" in by and "routedsl" in by:
-                pairs.append((by["postfix"], by["routedsl"]))
-        if not pairs:
-            continue
+    for i, base in enumerate(systems):
+        for other in systems[i + 1:]:
+            for variant, shape in keys:
+                pairs = []
+                for rnd in sorted({r.round for r in results}):
+                    by = {r.system: r for r in results if (r.variant, r.shape, r.round) == (variant, shape, rnd)}
+                    if base in by and other in by:
+                        pairs.append((by[base], by[other]))
+                if not pairs:
+                    continue
 
-        def ratio(get) -> str:
-            vals = [get(b) / get(a) for a, b in pairs if get(a)]
-            if not vals:
-                return "–"
-            return f"{statistics.median(vals):.2f} [{min(vals):.2f}, {max(vals):.2f}]"
+                def ratio(get) -> str:
+                    vals = [get(b) / get(a) for a, b in pairs if get(a) and get(b) is not None]
+                    if not vals:
+                        return "–"
+                    return f"{statistics.median(vals):.2f} [{min(vals):.2f}, {max(vals):.2f}]"
 
-        out.append(f"| {variant} | {shape} | {len(pairs)} | {ratio(lambda r: r.e2e_msg_s)} | "
-                   f"{ratio(lambda r: r.accept_msg_s)} | {ratio(lambda r: r.cpu_ms_per_msg)} | "
-                   f"{ratio(lambda r: r.memory_kib)} |")
+                out.append(f"| {other}/{base} | {variant} | {shape} | {len(pairs)} | {ratio(lambda r: r.e2e_msg_s)} | "
+                           f"{ratio(lambda r: r.accept_msg_s)} | {ratio(lambda r: r.cpu_ms_per_msg)} | "
+                           f"{ratio(lambda r: r.memory_kib)} | {ratio(lambda r: r.p50_ms)} |")
     return "\n".join(out)
 
 
@@ -231,7 +234,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="paired rounds, A B A B (3)")
     p.add_argument("--variants", default=None, help=f"comma list of {','.join(VARIANTS)}")
     p.add_argument("--shapes", default="reuse,single", help="comma list of reuse,single")
-    p.add_argument("--systems", default="postfix,routedsl", help="comma list of postfix,routedsl")
+    p.add_argument("--systems", default="postfix,routedsl",
+                   help="comma list of postfix,routedsl,tuned (tuned: routedsl with --tuned-patches)")
+    p.add_argument("--tuned-patches", default="all",
+                   help="patches for the tuned system (see tuned_serve.py), comma list or all")
+    p.add_argument("--engine-connections", type=int, default=None, metavar="N",
+                   help="`connections N` on routedsl's sink engine (default: the language's 10)")
     p.add_argument("--probe-interval", type=float, default=0.05, help="seconds between latency probes")
     p.add_argument("--source-timeout", type=float, default=180.0)
     p.add_argument("--drain-timeout", type=float, default=120.0)
@@ -252,6 +260,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for v in args.variants:
         if v not in VARIANTS:
             p.error(f"unknown variant {v!r}")
+    for s in args.systems:
+        if s not in SYSTEMS:
+            p.error(f"unknown system {s!r}")
     for s in args.shapes:
         if s not in SHAPES:
             p.error(f"unknown shape {s!r}")
