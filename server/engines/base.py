@@ -5,7 +5,9 @@ Owns:
   the `Engine` protocol and `build_engine()`;
 * `open_session()`: connect, EHLO, STARTTLS per policy, AUTH only over TLS;
 * `run_transaction()`: one MAIL/RCPT.../DATA transaction with per-recipient outcomes;
-* `ConnectionPool`: at most N open connections per engine, idle ones kept for reuse.
+* `ConnectionPool`: at most N open connections per engine, idle ones kept for reuse;
+* `PooledEngine`: what both SMTP engines do around a delivery (each recipient once,
+  refusal while closing, the size limit, one transaction on a pooled or new connection).
 
 Never decides what a failure means (that is `server.outcome`), never touches the queue,
 never raises out of `deliver()`.
@@ -18,7 +20,7 @@ import logging
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Hashable, Literal, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Hashable, Literal, Optional, Protocol, Sequence
 
 import aiosmtplib
 import aiosmtplib.protocol as _protocol
@@ -548,3 +550,88 @@ async def guarded(engine: str, recipients: Sequence[str], work) -> dict[str, Out
         if r not in result:
             result[r] = oc.engine_problem("no outcome recorded for this recipient", engine=engine)
     return result
+
+
+class PooledEngine:
+    """The part of an SMTP engine (direct, smarthost) that does not depend on where it sends.
+
+    `deliver()` gives each recipient one RCPT, refuses new work once `aclose()` has begun,
+    skips a message over the engine's `max_size`, and turns anything that escapes into
+    outcomes (`guarded`). A subclass implements `_deliver(envelope, rcpts)` and sends with
+    `_transaction()`.
+    """
+
+    def __init__(self, spec: "EngineSpec", ctx: EngineContext) -> None:
+        self.name = spec.name
+        self.spec = spec
+        self._ctx = ctx
+        self._pool = ConnectionPool(spec.connections, ctx.pool_idle)
+        self._inflight = InFlight()
+
+    @property
+    def pool(self) -> ConnectionPool:
+        return self._pool
+
+    async def deliver(self, envelope: Envelope, recipients: Sequence[str]) -> dict[str, Outcome]:
+        rcpts = unique(recipients)
+        if not rcpts:
+            return {}
+        if not self._inflight.enter():
+            closed = oc.engine_problem("engine is shutting down", engine=self.name)
+            return {r: closed for r in rcpts}
+        try:
+            return await guarded(self.name, rcpts, self._deliver_within_size(envelope, rcpts))
+        finally:
+            self._inflight.leave()
+
+    async def _deliver_within_size(self, envelope: Envelope, rcpts: list[str]) -> dict[str, Outcome]:
+        size = len(envelope.data)
+        if self.spec.max_size is not None and size > self.spec.max_size:
+            skipped = oc.too_large(size, self.spec.max_size, engine=self.name, host=self.spec.host)
+            return {r: skipped for r in rcpts}
+        return await self._deliver(envelope, rcpts)
+
+    async def _deliver(self, envelope: Envelope, rcpts: list[str]) -> dict[str, Outcome]:
+        raise NotImplementedError
+
+    async def _transaction(self, key: Hashable, envelope: Envelope, rcpts: list[str], *, host: str,
+                           plan: Callable[[], SessionPlan],
+                           retry: Callable[[SessionFailed], bool]) -> dict[str, Outcome]:
+        """One transaction on an idle pooled connection for `key` (checked with RSET), else on
+        a new session opened with `plan()`. When opening fails, the slot is given back and
+        `retry(failed)` says whether to try again; if not, its outcome is every recipient's."""
+        while True:
+            client = await self._pool.checkout(key)
+            if client is None:
+                try:
+                    client = await open_session(plan())
+                except SessionFailed as failed:
+                    self._pool.release_slot()
+                    if retry(failed):
+                        continue
+                    return {r: failed.outcome for r in rcpts}
+                except BaseException:
+                    self._pool.release_slot()
+                    raise
+            else:
+                # a pooled connection: make sure it is alive and clean before using it
+                try:
+                    await client.rset(timeout=self.spec.timeout)
+                except asyncio.CancelledError:
+                    self._pool.checkin(key, client, False)
+                    raise
+                except Exception:
+                    self._pool.checkin(key, client, False)
+                    continue
+            reusable = False
+            try:
+                outcomes, reusable = await run_transaction(
+                    client, envelope, rcpts, engine=self.name, host=host,
+                    timeout=self.spec.timeout, final_timeout=self._ctx.final_timeout)
+            finally:
+                self._pool.checkin(key, client, reusable)
+            return outcomes
+
+    async def aclose(self) -> None:
+        await self._inflight.drain()
+        await self._pool.aclose()

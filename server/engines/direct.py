@@ -14,49 +14,23 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import replace
-from typing import Sequence
 
 from routedsl.table import EngineSpec
 from server import outcome as oc
 from server.engines import mx
-from server.engines.base import (ConnectionPool, EngineContext, Envelope, InFlight,
-                                 SessionFailed, SessionPlan, client_tls_context, guarded,
-                                 open_session, run_transaction, unique)
+from server.engines.base import (EngineContext, Envelope, PooledEngine, SessionFailed,
+                                 SessionPlan, client_tls_context)
 from server.outcome import Outcome
 
 log = logging.getLogger("routedsl.engines.direct")
 
 
-class DirectEngine:
+class DirectEngine(PooledEngine):
     def __init__(self, spec: EngineSpec, ctx: EngineContext) -> None:
-        self.name = spec.name
-        self.spec = spec
-        self._ctx = ctx
+        super().__init__(spec, ctx)
         self._tls = client_tls_context(verify=False)
-        self._pool = ConnectionPool(spec.connections, ctx.pool_idle)
-        self._inflight = InFlight()
-
-    @property
-    def pool(self) -> ConnectionPool:
-        return self._pool
-
-    async def deliver(self, envelope: Envelope, recipients: Sequence[str]) -> dict[str, Outcome]:
-        rcpts = unique(recipients)
-        if not rcpts:
-            return {}
-        if not self._inflight.enter():
-            closed = oc.engine_problem("engine is shutting down", engine=self.name)
-            return {r: closed for r in rcpts}
-        try:
-            return await guarded(self.name, rcpts, self._deliver(envelope, rcpts))
-        finally:
-            self._inflight.leave()
 
     async def _deliver(self, envelope: Envelope, rcpts: list[str]) -> dict[str, Outcome]:
-        size = len(envelope.data)
-        if self.spec.max_size is not None and size > self.spec.max_size:
-            skipped = oc.too_large(size, self.spec.max_size, engine=self.name, host=None)
-            return {r: skipped for r in rcpts}
         by_domain: dict[str, list[str]] = {}
         outcomes: dict[str, Outcome] = {}
         for r in rcpts:
@@ -109,49 +83,24 @@ class DirectEngine:
     async def _attempt(self, envelope: Envelope, rcpts: list[str], host: str,
                        address: str) -> dict[str, Outcome]:
         """One session to one address of one MX host (reusing an idle one when we can)."""
-        key = (address, self.spec.port)
         plaintext = False
-        while True:
-            client = await self._pool.checkout(key)
-            if client is None:
-                plan = SessionPlan(
-                    engine=self.name, address=address, port=self.spec.port, server_name=host,
-                    helo=self.spec.helo or self._ctx.hostname, timeout=self.spec.timeout,
-                    starttls="none" if plaintext or self.spec.tls == "none" else "opportunistic",
-                    tls_context=self._tls)
-                try:
-                    client = await open_session(plan)
-                except SessionFailed as failed:
-                    self._pool.release_slot()
-                    if failed.tls_failed and not plaintext:
-                        log.info("%s: TLS with %s[%s] failed (%s); retrying in plaintext",
-                                 envelope.queue_id, host, address, failed.outcome.text)
-                        plaintext = True
-                        continue
-                    log.info("%s: %s[%s]: %s", envelope.queue_id, host, address,
-                             failed.outcome.reply)
-                    return {r: failed.outcome for r in rcpts}
-                except BaseException:
-                    self._pool.release_slot()
-                    raise
-            else:
-                try:
-                    await client.rset(timeout=self.spec.timeout)
-                except asyncio.CancelledError:
-                    self._pool.checkin(key, client, False)
-                    raise
-                except Exception:
-                    self._pool.checkin(key, client, False)
-                    continue
-            reusable = False
-            try:
-                outcomes, reusable = await run_transaction(
-                    client, envelope, rcpts, engine=self.name, host=host,
-                    timeout=self.spec.timeout, final_timeout=self._ctx.final_timeout)
-            finally:
-                self._pool.checkin(key, client, reusable)
-            return outcomes
 
-    async def aclose(self) -> None:
-        await self._inflight.drain()
-        await self._pool.aclose()
+        def plan() -> SessionPlan:
+            return SessionPlan(
+                engine=self.name, address=address, port=self.spec.port, server_name=host,
+                helo=self.spec.helo or self._ctx.hostname, timeout=self.spec.timeout,
+                starttls="none" if plaintext or self.spec.tls == "none" else "opportunistic",
+                tls_context=self._tls)
+
+        def retry(failed: SessionFailed) -> bool:
+            nonlocal plaintext
+            if failed.tls_failed and not plaintext:
+                log.info("%s: TLS with %s[%s] failed (%s); retrying in plaintext",
+                         envelope.queue_id, host, address, failed.outcome.text)
+                plaintext = True
+                return True
+            log.info("%s: %s[%s]: %s", envelope.queue_id, host, address, failed.outcome.reply)
+            return False
+
+        return await self._transaction((address, self.spec.port), envelope, rcpts, host=host,
+                                       plan=plan, retry=retry)
