@@ -57,6 +57,19 @@ def _words(items: list[Any], kind: str) -> list[Token]:
     return [t for t in items if isinstance(t, Token) and t.type == kind]
 
 
+def _flat(kind: type, items: list[Any]) -> Any:
+    """`a and (b and c)` -> And(a, b, c) (likewise `or`), keywords dropped."""
+    ops: list[Any] = []
+    for it in items:
+        if isinstance(it, kind):
+            ops.extend(it.operands)
+        elif not isinstance(it, Token):
+            ops.append(it)
+    if len(ops) == 1:          # a lone operand: the rule's `?` inlining does not apply to aliases
+        return ops[0]
+    return kind(tuple(ops), span_of(items))
+
+
 class AstBuilder(Transformer):
     """Callbacks named after the grammar's rules and aliases."""
 
@@ -113,26 +126,10 @@ class AstBuilder(Transformer):
         return items[1]
 
     def and_(self, items: list[Any]) -> Any:
-        ops: list[Any] = []
-        for it in items:
-            if isinstance(it, A.And):
-                ops.extend(it.operands)
-            elif not isinstance(it, Token):
-                ops.append(it)
-        if len(ops) == 1:          # a lone operand: the rule's `?` inlining does not apply to aliases
-            return ops[0]
-        return A.And(tuple(ops), span_of(items))
+        return _flat(A.And, items)
 
     def or_(self, items: list[Any]) -> Any:
-        ops: list[Any] = []
-        for it in items:
-            if isinstance(it, A.Or):
-                ops.extend(it.operands)
-            elif not isinstance(it, Token):
-                ops.append(it)
-        if len(ops) == 1:          # a lone operand: the rule's `?` inlining does not apply to aliases
-            return ops[0]
-        return A.Or(tuple(ops), span_of(items))
+        return _flat(A.Or, items)
 
     # ---- statements
     def name(self, items: list[Token]) -> A.Name:
