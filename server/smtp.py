@@ -400,16 +400,21 @@ class RelaySMTP(SMTP):
             elif not result.handled:
                 await self.push(result.message or "535 5.7.8 Authentication credentials invalid")
 
-    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+    async def _first_response(self, args: list[str], challenge: str | bytes) -> Optional[bytes]:
+        """The initial response given with AUTH, else the answer to `challenge`; None when
+        the exchange has already been answered (cancelled, or not base64)."""
         if len(args) == 1:
-            blob = await self.challenge_auth("")
-            if blob is MISSING:
-                return AuthResult(success=False, handled=True)
-        else:
-            blob = _b64(args[1])
-            if blob is None:
-                await self.push("501 5.5.2 Can't decode base64")
-                return AuthResult(success=False, handled=True)
+            blob = await self.challenge_auth(challenge)
+            return None if blob is MISSING else blob
+        blob = _b64(args[1])
+        if blob is None:
+            await self.push("501 5.5.2 Can't decode base64")
+        return blob
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        blob = await self._first_response(args, "")
+        if blob is None:
+            return AuthResult(success=False, handled=True)
         parts = blob.split(b"\x00")
         if len(parts) != 3:
             await self.push("501 5.5.2 Can't split auth value")
@@ -417,15 +422,9 @@ class RelaySMTP(SMTP):
         return await self._check_login(parts[1], parts[2])
 
     async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
-        if len(args) == 1:
-            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
-            if login is MISSING:
-                return AuthResult(success=False, handled=True)
-        else:
-            login = _b64(args[1])
-            if login is None:
-                await self.push("501 5.5.2 Can't decode base64")
-                return AuthResult(success=False, handled=True)
+        login = await self._first_response(args, self.AuthLoginUsernameChallenge)
+        if login is None:
+            return AuthResult(success=False, handled=True)
         password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
         if password is MISSING:
             return AuthResult(success=False, handled=True)
