@@ -26,17 +26,25 @@ def users_file(tmp_path_factory):
     return path
 
 
-async def tls_session(relay, client_tls, src="127.0.0.1") -> Client:
+@pytest.fixture
+async def login_relay(relays, users_file, server_tls):
+    """A relay offering STARTTLS that knows alice (password 'right horse')."""
+    return await relays(users=users_file, tls=server_tls)
+
+
+async def tls_session(relay, client_tls, src="127.0.0.1", ehlo=True) -> Client:
+    """A session after STARTTLS; with `ehlo`, also past the EHLO that must follow it."""
     client = await Client.connect(relay.port, src=src)
     assert b"STARTTLS" in await client.cmd(b"EHLO c.test")
     assert code(await client.cmd(b"STARTTLS")) == "220"
     await client.starttls(client_tls)
+    if ehlo:
+        await client.cmd(b"EHLO c.test")
     return client
 
 
-async def test_auth_before_tls_is_refused_and_not_advertised(relays, users_file, server_tls):
-    relay = await relays(users=users_file, tls=server_tls)
-    client = await Client.connect(relay.port)
+async def test_auth_before_tls_is_refused_and_not_advertised(login_relay):
+    client = await Client.connect(login_relay.port)
     reply = await client.cmd(b"EHLO c.test")
     assert b"AUTH" not in reply and b"STARTTLS" in reply
     assert code(await client.cmd(plain("alice", "right horse"))) == "538 5.7.11"
@@ -45,7 +53,7 @@ async def test_auth_before_tls_is_refused_and_not_advertised(relays, users_file,
 
 async def test_auth_after_starttls_lets_an_outside_client_relay(relays, users_file, server_tls, client_tls):
     relay = await relays(users=users_file, tls=server_tls, relay_networks=("192.0.2.0/24",))
-    client = await tls_session(relay, client_tls)
+    client = await tls_session(relay, client_tls, ehlo=False)
     reply = await client.cmd(b"EHLO c.test")
     assert b"AUTH LOGIN PLAIN" in reply and b"STARTTLS" not in reply
     await client.cmd(b"MAIL FROM:<a@x.test>")
@@ -61,10 +69,8 @@ async def test_auth_after_starttls_lets_an_outside_client_relay(relays, users_fi
     await client.close()
 
 
-async def test_auth_login_dialog_and_cancel(relays, users_file, server_tls, client_tls):
-    relay = await relays(users=users_file, tls=server_tls)
-    client = await tls_session(relay, client_tls)
-    await client.cmd(b"EHLO c.test")
+async def test_auth_login_dialog_and_cancel(login_relay, client_tls):
+    client = await tls_session(login_relay, client_tls)
     assert code(await client.cmd(b"AUTH LOGIN")) == "334"
     assert code(await client.cmd(b"*")) == "501 5.7.0"
     assert code(await client.cmd(b"AUTH login " + base64.b64encode(b"alice"))) == "334"
@@ -73,29 +79,23 @@ async def test_auth_login_dialog_and_cancel(relays, users_file, server_tls, clie
     await client.close()
 
 
-async def test_malformed_and_unknown_auth(relays, users_file, server_tls, client_tls):
-    relay = await relays(users=users_file, tls=server_tls)
-    client = await tls_session(relay, client_tls)
-    await client.cmd(b"EHLO c.test")
+async def test_malformed_and_unknown_auth(login_relay, client_tls):
+    client = await tls_session(login_relay, client_tls)
     assert code(await client.cmd(b"AUTH PLAIN !!!")) == "501 5.5.2"
     assert code(await client.cmd(b"AUTH PLAIN " + base64.b64encode(b"no-separators"))) == "501 5.5.2"
     assert code(await client.cmd(b"AUTH CRAM-MD5")) == "504 5.5.4"
     await client.close()
 
 
-async def test_auth_during_a_transaction_gets_503(relays, users_file, server_tls, client_tls):
-    relay = await relays(users=users_file, tls=server_tls)
-    client = await tls_session(relay, client_tls)
-    await client.cmd(b"EHLO c.test")
+async def test_auth_during_a_transaction_gets_503(login_relay, client_tls):
+    client = await tls_session(login_relay, client_tls)
     assert code(await client.cmd(b"MAIL FROM:<a@x.test>")) == "250 2.1.0"
     assert code(await client.cmd(plain("alice", "right horse"))) == "503 5.5.1"
     await client.close()
 
 
-async def test_failed_logins_get_535_then_421_and_close(relays, users_file, server_tls, client_tls):
-    relay = await relays(users=users_file, tls=server_tls)
-    client = await tls_session(relay, client_tls)
-    await client.cmd(b"EHLO c.test")
+async def test_failed_logins_get_535_then_421_and_close(login_relay, client_tls):
+    client = await tls_session(login_relay, client_tls)
     assert code(await client.cmd(plain("alice", "wrong"))) == "535 5.7.8"
     assert code(await client.cmd(plain("nobody", "wrong"))) == "535 5.7.8"   # same answer: no user oracle
     assert code(await client.cmd(plain("alice", "wrong"))) == "421 4.7.0"
@@ -106,7 +106,6 @@ async def test_failed_login_is_answered_after_the_delay(relays, users_file, serv
     from server.limits import Limits
     relay = await relays(users=users_file, tls=server_tls, limits=Limits(auth_failure_delay=0.5))
     client = await tls_session(relay, client_tls)
-    await client.cmd(b"EHLO c.test")
     await client.send(plain("alice", "wrong") + b"\r\n")
     with pytest.raises(asyncio.TimeoutError):
         await client.reply(timeout=0.2)            # not answered at once ...
@@ -121,12 +120,10 @@ async def test_repeated_failures_from_one_ip_get_454_even_for_the_right_password
                          limits=Limits(auth_failure_delay=0.0, max_auth_failures_per_ip=4))
     for _ in range(2):
         client = await tls_session(relay, client_tls, src="127.0.0.20")
-        await client.cmd(b"EHLO c.test")
         assert code(await client.cmd(plain("alice", "wrong"))) == "535 5.7.8"
         assert code(await client.cmd(plain("alice", "wrong"))) == "535 5.7.8"
         await client.close()
     client = await tls_session(relay, client_tls, src="127.0.0.20")
-    await client.cmd(b"EHLO c.test")
     assert code(await client.cmd(plain("alice", "right horse"))) == "454 4.7.0"
     await client.close()
     other = await tls_session(relay, client_tls, src="127.0.0.21")   # another address is not affected
@@ -148,7 +145,6 @@ async def test_password_check_runs_off_the_event_loop(relays, server_tls, client
     relay = await relays(users=SlowUsers(), tls=server_tls)
     client = await tls_session(relay, client_tls)
     try:
-        await client.cmd(b"EHLO c.test")
         await client.send(plain("alice", "x") + b"\r\n")
         await until(entered.is_set, what="the password check to start")
         # While the check blocks its thread, another session is served.
@@ -214,11 +210,9 @@ async def test_garbage_instead_of_a_tls_handshake_leaves_the_relay_serving(relay
     await other.close()
 
 
-async def test_credentials_never_reach_the_log(relays, users_file, server_tls, client_tls, caplog):
+async def test_credentials_never_reach_the_log(login_relay, client_tls, caplog):
     caplog.set_level("DEBUG")
-    relay = await relays(users=users_file, tls=server_tls)
-    client = await tls_session(relay, client_tls)
-    await client.cmd(b"EHLO c.test")
+    client = await tls_session(login_relay, client_tls)
     assert code(await client.cmd(plain("alice", "wrong horse"))) == "535 5.7.8"
     assert code(await client.cmd(b"AUTH LOGIN " + base64.b64encode(b"alice"))) == "334"
     assert code(await client.cmd(base64.b64encode(b"right horse"))) == "235 2.7.0"
@@ -233,7 +227,6 @@ async def test_credentials_never_reach_the_log(relays, users_file, server_tls, c
 async def test_tls_closed_in_the_middle_of_data_queues_nothing(relays, server_tls, client_tls):
     relay = await relays(tls=server_tls)
     client = await tls_session(relay, client_tls)
-    await client.cmd(b"EHLO c.test")
     await client.cmd(b"MAIL FROM:<a@x.test>")
     await client.cmd(b"RCPT TO:<b@y.test>")
     assert code(await client.cmd(b"DATA")) == "354"
