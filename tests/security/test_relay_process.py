@@ -41,6 +41,17 @@ async def relay_process(tmp_path, downstream):
         await relay.astop()   # in a thread: the downstream on this loop must keep answering
 
 
+def login_flags(tmp_path, ca) -> list[str]:
+    """serve flags for a relay that trusts no loopback client, has a certificate from the
+    test CA and knows alice (password 'right horse'): only a login lets a client relay."""
+    cert = tmp_path / "relay.pem"
+    ca.issue_cert("localhost", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(cert))
+    users = tmp_path / "users"
+    users.write_text(f"alice:{hash_password('right horse')}\n")
+    return ["--relay-network", "192.0.2.0/24", "--users", str(users),
+            "--tls-cert", str(cert), "--tls-key", str(cert)]
+
+
 async def send_message(port: int, src: str = "127.0.0.1") -> str:
     client = await Client.connect(port, src=src)
     try:
@@ -130,13 +141,7 @@ async def test_slowloris_is_cut_and_others_are_served(relay_process):
 
 
 async def test_auth_over_implicit_tls_through_the_real_relay(relay_process, tmp_path, ca, client_tls, downstream):
-    cert = tmp_path / "relay.pem"
-    ca.issue_cert("localhost", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(cert))
-    users = tmp_path / "users"
-    users.write_text(f"alice:{hash_password('right horse')}\n")
-    relay = await relay_process("--relay-network", "192.0.2.0/24", "--users", str(users),
-                                "--tls-cert", str(cert), "--tls-key", str(cert),
-                                "--listen-tls", "127.0.0.1:0").astart()
+    relay = await relay_process(*login_flags(tmp_path, ca), "--listen-tls", "127.0.0.1:0").astart()
     plain = await Client.connect(relay.address[1])
     reply = await plain.cmd(b"EHLO c.test")
     assert b"STARTTLS" in reply and b"AUTH" not in reply
@@ -175,12 +180,7 @@ async def test_queue_limit_reaches_the_real_relay(tmp_path):
 
 
 async def test_starttls_and_auth_through_the_real_relay(relay_process, tmp_path, ca, client_tls, downstream):
-    cert = tmp_path / "relay.pem"
-    ca.issue_cert("localhost", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(cert))
-    users = tmp_path / "users"
-    users.write_text(f"alice:{hash_password('right horse')}\n")
-    relay = await relay_process("--relay-network", "192.0.2.0/24", "--users", str(users),
-                                "--tls-cert", str(cert), "--tls-key", str(cert)).astart()
+    relay = await relay_process(*login_flags(tmp_path, ca)).astart()
     client = await Client.connect(relay.address[1])
     await client.cmd(b"EHLO c.test")
     await client.send(b"STARTTLS\r\nMAIL FROM:<inj@x.test>\r\n")     # the injected command must vanish
