@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 _SERVING = re.compile(r"serving on (\S+)")
 _MODULE = "routedsl" if importlib.util.find_spec("routedsl.__main__") else "server.cli"
@@ -200,27 +200,30 @@ class RelayProcess:
 
     def wait_for_log(self, pattern: str, timeout: float = 10.0) -> re.Match:
         """Poll the log until `pattern` (a regex) appears; fail with the log otherwise."""
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            m = rx.search(self.log)
-            if m:
-                return m
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no log line matching {pattern!r} within {timeout}s:\n{self.log}")
+        look = self._log_poll(pattern, timeout)
+        while (m := look()) is None:
             time.sleep(0.02)
+        return m
 
     async def await_log(self, pattern: str, timeout: float = 10.0) -> re.Match:
         """`wait_for_log` for async tests: polls without blocking the test's event loop."""
+        look = self._log_poll(pattern, timeout)
+        while (m := look()) is None:
+            await asyncio.sleep(0.02)
+        return m
+
+    def _log_poll(self, pattern: str, timeout: float) -> Callable[[], Optional[re.Match]]:
+        """One look at the log per call: the match, None to look again, AssertionError (with
+        the log) once `timeout` has passed."""
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout
-        while True:
+
+        def look() -> Optional[re.Match]:
             m = rx.search(self.log)
-            if m:
-                return m
-            if time.monotonic() > deadline:
+            if m is None and time.monotonic() > deadline:
                 raise AssertionError(f"no log line matching {pattern!r} within {timeout}s:\n{self.log}")
-            await asyncio.sleep(0.02)
+            return m
+        return look
 
     def _serving_address(self, mark: int) -> Optional[tuple[str, int]]:
         m = _SERVING.search(self.log_since(mark))
