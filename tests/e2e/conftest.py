@@ -11,6 +11,7 @@ import aiosmtplib
 import pytest
 
 from tests.support import certs
+from tests.support.fake_smtp import FakeSmtp
 from tests.support.relay import RelayProcess
 
 
@@ -32,6 +33,15 @@ def make_relay(tmp_path: Path) -> Callable[..., RelayProcess]:
     yield make
     for relay in made:   # a safety net: tests stop their relays themselves
         relay.kill()
+
+
+def rules_with_home(home: FakeSmtp, domain: str, engine: str, url: str, *, timeout: str) -> str:
+    """Rules that send `domain` through `engine` (a smarthost at `url`) and mail for
+    home.test, the senders' domain, to the `home` sink, so bounces and notices arrive there."""
+    return (f"engine {engine} = {url} tls none timeout {timeout}\n"
+            f"engine home = smtp://{home.host}:{home.port} tls none timeout {timeout}\n"
+            "if destination is home.test then use only home\n"
+            f"if destination is {domain} then use only {engine}\n")
 
 
 def message(sender: str, to: Iterable[str], *, msgid: str, subject: str = "test",

@@ -12,7 +12,7 @@ import asyncio
 
 import pytest
 
-from tests.e2e.conftest import dsn_fields, message, send
+from tests.e2e.conftest import dsn_fields, message, rules_with_home, send
 from tests.support.fake_smtp import FakeSmtp
 from tests.support.relay import stable_port
 
@@ -21,10 +21,7 @@ HOPS = 6
 
 
 def rules(peer_port: int, home: FakeSmtp) -> str:
-    return (f"engine peer = smtp://127.0.0.1:{peer_port} tls none timeout 10s\n"
-            f"engine home = smtp://127.0.0.6:{home.port} tls none timeout 10s\n"
-            "if destination is home.test then use only home\n"
-            "if destination is loop.test then use only peer\n")
+    return rules_with_home(home, "loop.test", "peer", f"smtp://127.0.0.1:{peer_port}", timeout="10s")
 
 
 async def test_a_loop_between_two_relays_ends_in_one_bounce(make_relay):

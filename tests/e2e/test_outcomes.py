@@ -11,7 +11,7 @@ import contextlib
 
 import pytest
 
-from tests.e2e.conftest import dsn_fields, header, human_part, message, send
+from tests.e2e.conftest import dsn_fields, header, human_part, message, rules_with_home, send
 from tests.support.fake_smtp import FakeSmtp
 
 pytestmark = pytest.mark.slow
@@ -24,10 +24,7 @@ async def sinks():
 
 
 def rules(out: FakeSmtp, home: FakeSmtp) -> str:
-    return (f"engine out = smtp://127.0.0.3:{out.port} tls none timeout 5s\n"
-            f"engine home = smtp://127.0.0.6:{home.port} tls none timeout 5s\n"
-            "if destination is home.test then use only home\n"
-            "if destination is example.net then use only out\n")
+    return rules_with_home(home, "example.net", "out", f"smtp://{out.host}:{out.port}", timeout="5s")
 
 
 async def test_a_temporary_failure_is_retried_then_delivered(make_relay):
