@@ -18,6 +18,15 @@ async def ready(relay, src="127.0.0.1") -> Client:
     return client
 
 
+async def in_data(relay) -> Client:
+    """A session past DATA for one message from a@x.test to b@y.test."""
+    client = await ready(relay)
+    await client.cmd(b"MAIL FROM:<a@x.test>")
+    await client.cmd(b"RCPT TO:<b@y.test>")
+    await client.cmd(b"DATA")
+    return client
+
+
 async def test_recipients_over_the_limit_get_452_and_the_rest_is_delivered(relays):
     relay = await relays(limits=Limits(max_recipients=3))
     client = await ready(relay)
@@ -88,10 +97,7 @@ async def test_long_command_and_data_lines(relays):
 
 async def test_message_over_the_size_limit_is_drained_then_refused(relays):
     relay = await relays(max_size=1000)
-    client = await ready(relay)
-    await client.cmd(b"MAIL FROM:<a@x.test>")
-    await client.cmd(b"RCPT TO:<b@y.test>")
-    await client.cmd(b"DATA")
+    client = await in_data(relay)
     # Over the limit, then a bogus end of data and a command: only the real dot ends DATA.
     await client.send(b"Subject: big\r\n\r\n" + b"z" * 70 + b"\r\n" * 20 + b"\n.\nHELP\r\n" + b"w\r\n" * 300)
     await client.send(b".\r\n")
@@ -103,10 +109,7 @@ async def test_message_over_the_size_limit_is_drained_then_refused(relays):
 
 async def test_header_section_over_the_limit_is_refused(relays):
     relay = await relays(limits=Limits(max_header_size=2000))
-    client = await ready(relay)
-    await client.cmd(b"MAIL FROM:<a@x.test>")
-    await client.cmd(b"RCPT TO:<b@y.test>")
-    await client.cmd(b"DATA")
+    client = await in_data(relay)
     await client.send(b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 60) for i in range(50)) + b"\r\nbody\r\n.\r\n")
     assert code(await client.reply()) == "552 5.3.4"
     await client.close()
@@ -152,10 +155,7 @@ async def test_session_deadline_ends_a_busy_session(relays):
 
 async def test_slow_data_below_the_minimum_rate_is_cut(relays):
     relay = await relays(limits=Limits(idle_timeout=1.0, min_data_rate=1000))
-    client = await ready(relay)
-    await client.cmd(b"MAIL FROM:<a@x.test>")
-    await client.cmd(b"RCPT TO:<b@y.test>")
-    await client.cmd(b"DATA")
+    client = await in_data(relay)
     # A short line every 0.2 s: never idle for a second, but far below 1000 bytes/s.
     reply = b""
     for _ in range(50):
@@ -175,10 +175,7 @@ async def test_slow_data_below_the_minimum_rate_is_cut(relays):
 
 async def test_fast_data_longer_than_the_idle_timeout_is_not_cut(relays):
     relay = await relays(limits=Limits(idle_timeout=2.0, min_data_rate=100))
-    client = await ready(relay)
-    await client.cmd(b"MAIL FROM:<a@x.test>")
-    await client.cmd(b"RCPT TO:<b@y.test>")
-    await client.cmd(b"DATA")
+    client = await in_data(relay)
     await client.send(b"Subject: steady\r\n\r\n")
     for _ in range(14):   # 2.8 s in all, each 0.2 s a 100-byte line: above the minimum rate
         await client.send(b"d" * 98 + b"\r\n")
@@ -230,10 +227,7 @@ async def test_low_disk_space_at_mail_gets_452_4_3_1(relays):
 async def test_internal_errors_answer_451_without_details(relays):
     handler = RecordingHandler(fail=RuntimeError("secret /var/spool/path detail"))
     relay = await relays(handler)
-    client = await ready(relay)
-    await client.cmd(b"MAIL FROM:<a@x.test>")
-    await client.cmd(b"RCPT TO:<b@y.test>")
-    await client.cmd(b"DATA")
+    client = await in_data(relay)
     await client.send(MESSAGE)
     reply = await client.reply()
     assert code(reply) == "451 4.3.0" and b"secret" not in reply and b"RuntimeError" not in reply

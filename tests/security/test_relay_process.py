@@ -52,6 +52,16 @@ def login_flags(tmp_path, ca) -> list[str]:
             "--tls-cert", str(cert), "--tls-key", str(cert)]
 
 
+async def relayed(client: Client, downstream) -> None:
+    """After MAIL: b@y.test is accepted, the message queued, and it reaches the next hop."""
+    assert code(await client.cmd(b"RCPT TO:<b@y.test>")) == "250 2.1.5"
+    await client.cmd(b"DATA")
+    await client.send(MESSAGE)
+    assert code(await client.reply()) == "250 2.0.0"
+    await client.close()
+    await until(lambda: len(downstream.messages) == 1, timeout=30, what="the message at the next hop")
+
+
 async def send_message(port: int, src: str = "127.0.0.1") -> str:
     client = await Client.connect(port, src=src)
     try:
@@ -153,12 +163,7 @@ async def test_auth_over_implicit_tls_through_the_real_relay(relay_process, tmp_
     assert b"AUTH LOGIN PLAIN" in await client.cmd(b"EHLO c.test")
     assert code(await client.cmd(b"AUTH PLAIN " + base64.b64encode(b"\0alice\0right horse"))) == "235 2.7.0"
     await client.cmd(b"MAIL FROM:<a@x.test>")
-    assert code(await client.cmd(b"RCPT TO:<b@y.test>")) == "250 2.1.5"
-    await client.cmd(b"DATA")
-    await client.send(MESSAGE)
-    assert code(await client.reply()) == "250 2.0.0"
-    await client.close()
-    await until(lambda: len(downstream.messages) == 1, timeout=30, what="the message at the next hop")
+    await relayed(client, downstream)
     assert "right horse" not in relay.log and base64.b64encode(b"\0alice\0right horse").decode() not in relay.log
 
 
@@ -191,11 +196,6 @@ async def test_starttls_and_auth_through_the_real_relay(relay_process, tmp_path,
     assert code(await client.cmd(b"AUTH PLAIN " + base64.b64encode(b"\0alice\0wrong"))) == "535 5.7.8"
     assert code(await client.cmd(b"AUTH PLAIN " + base64.b64encode(b"\0alice\0right horse"))) == "235 2.7.0"
     assert code(await client.cmd(b"MAIL FROM:<a@x.test>")) == "250 2.1.0"
-    assert code(await client.cmd(b"RCPT TO:<b@y.test>")) == "250 2.1.5"
-    await client.cmd(b"DATA")
-    await client.send(MESSAGE)
-    assert code(await client.reply()) == "250 2.0.0"
-    await client.close()
-    await until(lambda: len(downstream.messages) == 1, timeout=30, what="the message at the next hop")
+    await relayed(client, downstream)
     assert downstream.messages[0].sender.split()[0] == "<a@x.test>"
     assert "Traceback" not in relay.log
