@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+from server.files import replace_file
+
 if TYPE_CHECKING:
     from server.snapshot import Snapshot
 
@@ -54,20 +56,8 @@ def write_active(spool: str | os.PathLike[str], snapshot: "Snapshot",
         "last_refused": refused,
     }
     target = Path(spool) / STATUS_FILE
-    temp = target.with_name(f".{STATUS_FILE}.{os.getpid()}.tmp")
-    data = (json.dumps(record, indent=2) + "\n").encode("utf-8")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, target)
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    # 0644: `routedsl status` may run as another user than the relay
+    replace_file(target, (json.dumps(record, indent=2) + "\n").encode("utf-8"), mode=0o644)
     return target
 
 

@@ -19,13 +19,13 @@ import base64
 import getpass
 import hashlib
 import hmac
-import os
 import secrets
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Optional, Sequence
+
+from server.files import replace_file
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 _KEY_LEN = 32
@@ -136,29 +136,9 @@ class UserStore:
 
 
 def write_users(path: str | Path, users: dict[str, str], header: Sequence[str] = ()) -> None:
-    """Replace the file atomically: temp file in the same folder (0600), fsync, rename, fsync folder."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
+    """Replace the file atomically (server/files.py), readable by its owner only (0600)."""
     lines = [*header, *(f"{login}:{stored}" for login, stored in users.items())]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write("".join(line + "\n" for line in lines))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    replace_file(path, "".join(line + "\n" for line in lines).encode("utf-8"), mode=0o600)
 
 
 def _comments(path: Path) -> list[str]:
