@@ -120,3 +120,17 @@ async def test_smarthost_with_required_starttls(tmp_path):
         pf.stop()
         sink.close()
         await sink.wait_closed()
+
+
+async def test_receive_only_instance_keeps_mail_on_hold():
+    pf = PrivatePostfix()
+    try:
+        async with pf:
+            await aiosmtplib.send(
+                message("held"), hostname=pf.host, port=pf.port, start_tls=False
+            )
+            await wait_for(lambda: pf.queue_counts()["hold"] == 1)
+            assert pf.queue_count() == 1                 # kept, and nothing sent on
+        assert not pf.root.exists()
+    finally:
+        pf.stop()

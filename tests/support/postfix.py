@@ -29,7 +29,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -187,7 +187,7 @@ class PrivatePostfix:
         else:
             # Receive only: keep every accepted message on hold where a test can inspect it.
             settings["smtpd_end_of_data_restrictions"] = "check_client_access static:HOLD"
-            settings["default_transport"] = "error:4.4.0 receive-only instance"
+            settings["defer_transports"] = "smtp, relay"    # and never try to send it on
         if self.tls_cert is not None:
             settings["smtpd_tls_cert_file"] = str(self.tls_cert)
             settings["smtpd_tls_key_file"] = str(self.tls_key)
@@ -251,15 +251,16 @@ class PrivatePostfix:
             raise PostfixError("postfix is not installed or we are not root")
         if self._running:
             return
-        self._write_config()
-        result = self._postfix("start", timeout=START_TIMEOUT)
-        if result.returncode != 0:
-            raise PostfixError(
-                f"postfix start failed ({result.returncode}): "
-                f"{(result.stderr or result.stdout).strip()}\n{self.log_tail()}"
-            )
+        # From here on stop() must run on failure: a half-started master, or our own folder.
         self._running = True
         try:
+            self._write_config()
+            result = self._postfix("start", timeout=START_TIMEOUT)
+            if result.returncode != 0:
+                raise PostfixError(
+                    f"postfix start failed ({result.returncode}): "
+                    f"{(result.stderr or result.stdout).strip()}\n{self.log_tail()}"
+                )
             self._wait_for_banner(time.monotonic() + START_TIMEOUT)
         except BaseException:
             self.stop()
@@ -287,6 +288,7 @@ class PrivatePostfix:
         it no longer names a live process of this instance (a zombie counts as gone).
         """
         if not self._running:
+            self._remove_own_root()
             return
         pids = self.pids()
         self._postfix("stop", timeout=STOP_TIMEOUT)
@@ -301,6 +303,9 @@ class PrivatePostfix:
                 except ProcessLookupError:
                     pass
         self._running = False
+        self._remove_own_root()
+
+    def _remove_own_root(self) -> None:
         if self._own_root:
             shutil.rmtree(self.root, ignore_errors=True)
 
@@ -338,13 +343,16 @@ class PrivatePostfix:
         except OSError:
             return "(no postfix log)"
 
-    def queue_count(self) -> int:
-        """Messages in the instance's queue folders (incoming, active, deferred, hold, maildrop)."""
-        total = 0
+    def queue_counts(self) -> dict[str, int]:
+        """Messages per queue folder: maildrop, incoming, active, deferred, hold."""
+        counts = {}
         for name in ("maildrop", "incoming", "active", "deferred", "hold"):
-            for _dirpath, _dirs, files in os.walk(self.queue_dir / name):
-                total += len(files)
-        return total
+            counts[name] = sum(len(files) for _d, _s, files in os.walk(self.queue_dir / name))
+        return counts
+
+    def queue_count(self) -> int:
+        """Messages still in the instance's queue (every folder together)."""
+        return sum(self.queue_counts().values())
 
     def pids(self) -> tuple[int, ...]:
         """The master and every process whose parent is the master (its services)."""
@@ -390,11 +398,3 @@ class PrivatePostfix:
                     rss += int(line.split()[1]) * 1024
         return ProcessUsage(pids=pids, cpu_seconds=cpu, pss_bytes=pss, rss_bytes=rss)
 
-
-def iter_log_lines(pf: PrivatePostfix) -> Iterator[str]:
-    """The instance's log, line by line (empty when nothing was logged yet)."""
-    try:
-        with pf.log_file.open(errors="replace") as fh:
-            yield from fh
-    except OSError:
-        return
