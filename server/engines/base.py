@@ -4,8 +4,10 @@ Owns:
 * `Envelope` (what to send), `EngineContext` (relay-wide settings an engine needs),
   the `Engine` protocol and `build_engine()`;
 * `open_session()`: connect, EHLO, STARTTLS per policy, AUTH only over TLS;
-* `run_transaction()`: one MAIL/RCPT.../DATA transaction with per-recipient outcomes;
-* `ConnectionPool`: at most N open connections per engine, idle ones kept for reuse;
+* `run_transaction()`/`transact()`: one MAIL/RCPT.../DATA transaction with per-recipient
+  outcomes, pipelined (RFC 2920) when the server offers it;
+* `ConnectionPool`: at most N open connections per engine, idle ones kept for reuse
+  (warmest first), freed connections handed to waiters in arrival order;
 * `PooledEngine`: what both SMTP engines do around a delivery (each recipient once,
   refusal while closing, the size limit, one transaction on a pooled or new connection).
 
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Callable, Hashable, Literal, Optional, Protoco
 
 import aiosmtplib
 import aiosmtplib.protocol as _protocol
+from aiosmtplib.email import quote_address
 
 from server import outcome as oc
 from server.outcome import Outcome, Stage
@@ -32,6 +35,9 @@ if TYPE_CHECKING:
     from routedsl.table import EngineSpec
 
 log = logging.getLogger("routedsl.engines")
+
+# a pooled connection idle for longer than this is checked with RSET before it is used
+RSET_AFTER_IDLE = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,23 +228,49 @@ def advertised_size(client: aiosmtplib.SMTP) -> Optional[int]:
     return value or None
 
 
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """What one transaction left behind.
+
+    `reusable`: the connection is in a clean state for another message.
+    `stale`: it failed before the server accepted MAIL, so nothing reached anyone; on a
+    pooled connection that means it died while idle, and a fresh one may try again.
+    """
+    outcomes: dict[str, Outcome]
+    reusable: bool
+    stale: bool = False
+
+
 async def run_transaction(client: aiosmtplib.SMTP, envelope: Envelope, recipients: Sequence[str],
                           *, engine: str, host: str, timeout: float,
                           final_timeout: float) -> tuple[dict[str, Outcome], bool]:
     """One MAIL, a RCPT per recipient, one DATA. Returns (outcome per recipient, reusable).
 
     Refused recipients get their RCPT reply; accepted ones the DATA reply; when every
-    recipient is refused no DATA is sent. `reusable` says whether the connection is in a
+    recipient is refused no message is sent. `reusable` says whether the connection is in a
     clean state for another message. Never raises except for cancellation.
+    """
+    attempt = await transact(client, envelope, recipients, engine=engine, host=host,
+                             timeout=timeout, final_timeout=final_timeout)
+    return attempt.outcomes, attempt.reusable
+
+
+async def transact(client: aiosmtplib.SMTP, envelope: Envelope, recipients: Sequence[str],
+                   *, engine: str, host: str, timeout: float, final_timeout: float) -> Attempt:
+    """`run_transaction()` that also says whether the connection was stale (see Attempt).
+
+    With a server that offers PIPELINING (RFC 2920) MAIL, every RCPT and DATA go out in
+    one write and their replies are read together; otherwise one command per round trip.
+    The outcomes are the same either way.
     """
     size = len(envelope.data)
     limit = advertised_size(client)
     if limit is not None and size > limit:
         skipped = oc.too_large(size, limit, engine=engine, host=host)
-        return {r: skipped for r in recipients}, True
+        return Attempt({r: skipped for r in recipients}, True)
     if envelope.smtputf8 and not client.supports_extension("smtputf8"):
         refused = oc.smtputf8_unsupported(engine=engine, host=host)
-        return {r: refused for r in recipients}, True
+        return Attempt({r: refused for r in recipients}, True)
 
     options = []
     if client.supports_extension("size"):
@@ -247,76 +279,380 @@ async def run_transaction(client: aiosmtplib.SMTP, envelope: Envelope, recipient
         options.append("BODY=8BITMIME")
     if envelope.smtputf8:
         options.append("SMTPUTF8")
-    encoding = "utf-8" if envelope.smtputf8 else "ascii"
+    step = _Step(client, envelope, recipients, engine, host, timeout, final_timeout, options)
+    if client.supports_extension("pipelining"):
+        attempt = await step.pipelined()
+    else:
+        attempt = await step.one_by_one()
+    if step.overflow and step.sent and attempt.reusable:
+        # RFC 5321 §4.5.3.1.10: the server took some; send the rest in a new transaction
+        more = await transact(client, envelope, step.overflow, engine=engine, host=host,
+                              timeout=timeout, final_timeout=final_timeout)
+        outcomes = dict(attempt.outcomes)
+        outcomes.update(more.outcomes)
+        return Attempt(outcomes, more.reusable)
+    return attempt
 
-    def broken(exc: BaseException, stage: Stage, whom: Sequence[str]) -> tuple[dict[str, Outcome], bool]:
-        failed = oc.classify(exc, engine=engine, host=host, stage=stage)
+
+_DISCONNECTED = (aiosmtplib.SMTPServerDisconnected, ConnectionError, EOFError)
+
+
+class _Step:
+    """The state of one transaction: outcomes so far, accepted and overflowing recipients."""
+
+    def __init__(self, client: aiosmtplib.SMTP, envelope: Envelope, recipients: Sequence[str],
+                 engine: str, host: str, timeout: float, final_timeout: float,
+                 options: list[str]) -> None:
+        self.client = client
+        self.envelope = envelope
+        self.recipients = recipients
+        self.engine = engine
+        self.host = host
+        self.timeout = timeout
+        self.final_timeout = final_timeout
+        self.options = options
+        self.encoding = "utf-8" if envelope.smtputf8 else "ascii"
+        self.outcomes: dict[str, Outcome] = {}
+        self.accepted: list[str] = []
+        self.overflow: list[str] = []  # "452 too many recipients": worth another transaction
+        self.sent = False  # the message was accepted (250 after the final dot)
+
+    def classify(self, exc: BaseException, stage: Stage) -> Outcome:
+        return oc.classify(exc, engine=self.engine, host=self.host, stage=stage)
+
+    def broken(self, exc: BaseException, stage: Stage, whom: Sequence[str],
+               stale: bool = False) -> Attempt:
+        failed = self.classify(exc, stage)
         for r in whom:
-            outcomes.setdefault(r, failed)
-        client.close()
-        return outcomes, False
+            self.outcomes.setdefault(r, failed)
+        self.client.close()
+        return Attempt(self.outcomes, False, stale)
 
-    outcomes: dict[str, Outcome] = {}
-    try:
-        await client.mail(envelope.sender, options=options, encoding=encoding, timeout=timeout)
-    except (aiosmtplib.SMTPResponseException, ValueError, UnicodeError) as exc:
-        if _garbled(exc):
-            return broken(exc, Stage.MAIL, recipients)
-        refused = oc.classify(exc, engine=engine, host=host, stage=Stage.MAIL)
-        return {r: refused for r in recipients}, await _reset(client, timeout)
-    except Exception as exc:
-        return broken(exc, Stage.MAIL, recipients)
+    def sender_refused(self, exc: BaseException) -> dict[str, Outcome]:
+        refused = self.classify(exc, Stage.MAIL)
+        return {r: refused for r in self.recipients}
 
-    accepted: list[str] = []
-    overflow: list[str] = []  # "452 too many recipients": worth another transaction
-    for rcpt in recipients:
+    def recipient_refused(self, rcpt: str, exc: aiosmtplib.SMTPResponseException) -> bool:
+        """Record a refused RCPT; False when the server is going away (421)."""
+        self.outcomes[rcpt] = self.classify(exc, Stage.RCPT)
+        if exc.code == 421 or not self.client.is_connected:
+            self.client.close()
+            for r in self.recipients:
+                self.outcomes.setdefault(r, self.outcomes[rcpt])
+            return False
+        if exc.code == 452 and self.accepted:
+            self.overflow.append(rcpt)
+        return True
+
+    def data_refused(self, exc: aiosmtplib.SMTPResponseException) -> None:
+        refused = self.classify(exc, Stage.DATA)
+        for r in self.accepted:
+            self.outcomes[r] = refused
+
+    def delivered(self, response: aiosmtplib.SMTPResponse) -> Attempt:
+        done = oc.delivered(response.message, engine=self.engine, host=self.host,
+                            code=response.code)
+        for r in self.accepted:
+            self.outcomes[r] = done
+        self.sent = True
+        return Attempt(self.outcomes, True)
+
+    def no_final_reply(self) -> None:
+        log.warning("%s: no reply to the final dot from %s: message may be delivered "
+                    "more than once", self.envelope.queue_id, self.host)
+
+    # -- one command per round trip ----------------------------------------------------
+
+    async def one_by_one(self) -> Attempt:
+        client, timeout = self.client, self.timeout
         try:
-            await client.rcpt(rcpt, encoding=encoding, timeout=timeout)
-            accepted.append(rcpt)
-        except (ValueError, UnicodeError) as exc:  # refused locally, nothing was sent
-            outcomes[rcpt] = oc.classify(exc, engine=engine, host=host, stage=Stage.RCPT)
+            await client.mail(self.envelope.sender, options=self.options,
+                              encoding=self.encoding, timeout=timeout)
+        except (aiosmtplib.SMTPResponseException, ValueError, UnicodeError) as exc:
+            if _garbled(exc):
+                return self.broken(exc, Stage.MAIL, self.recipients)
+            outcomes = self.sender_refused(exc)
+            if getattr(exc, "code", None) == 421:
+                client.close()
+                return Attempt(outcomes, False, stale=True)
+            return Attempt(outcomes, await _reset(client, timeout))
+        except Exception as exc:
+            return self.broken(exc, Stage.MAIL, self.recipients,
+                               stale=isinstance(exc, _DISCONNECTED))
+
+        for rcpt in self.recipients:
+            try:
+                await client.rcpt(rcpt, encoding=self.encoding, timeout=timeout)
+                self.accepted.append(rcpt)
+            except (ValueError, UnicodeError) as exc:  # refused locally, nothing was sent
+                self.outcomes[rcpt] = self.classify(exc, Stage.RCPT)
+            except aiosmtplib.SMTPResponseException as exc:
+                if _garbled(exc):
+                    return self.broken(exc, Stage.RCPT, self.recipients)
+                if not self.recipient_refused(rcpt, exc):
+                    return Attempt(self.outcomes, False)
+            except Exception as exc:
+                return self.broken(exc, Stage.RCPT, self.recipients)
+
+        if not self.accepted:
+            return Attempt(self.outcomes, await _reset(client, timeout))
+
+        try:
+            response = await send_data(client, self.envelope.data, timeout=timeout,
+                                       final_timeout=self.final_timeout)
         except aiosmtplib.SMTPResponseException as exc:
             if _garbled(exc):
-                return broken(exc, Stage.RCPT, recipients)
-            outcomes[rcpt] = oc.classify(exc, engine=engine, host=host, stage=Stage.RCPT)
-            if not client.is_connected:  # 421: the server is going away
-                for r in recipients:
-                    outcomes.setdefault(r, outcomes[rcpt])
-                return outcomes, False
-            if exc.code == 452 and accepted:
-                overflow.append(rcpt)
+                return self.broken(exc, Stage.DATA, self.accepted)
+            self.data_refused(exc)
+            return Attempt(self.outcomes, client.is_connected and await _reset(client, timeout))
         except Exception as exc:
-            return broken(exc, Stage.RCPT, recipients)
+            if isinstance(exc, (aiosmtplib.SMTPTimeoutError, aiosmtplib.SMTPServerDisconnected)):
+                self.no_final_reply()
+            return self.broken(exc, Stage.DATA, self.accepted)
+        return self.delivered(response)
 
-    if not accepted:
-        return outcomes, await _reset(client, timeout)
+    # -- RFC 2920 pipelining -----------------------------------------------------------
 
-    try:
-        response = await send_data(client, envelope.data, timeout=timeout,
-                                   final_timeout=final_timeout)
-    except aiosmtplib.SMTPResponseException as exc:
-        if _garbled(exc):
-            return broken(exc, Stage.DATA, accepted)
-        refused = oc.classify(exc, engine=engine, host=host, stage=Stage.DATA)
-        for r in accepted:
-            outcomes[r] = refused
-        return outcomes, client.is_connected and await _reset(client, timeout)
-    except Exception as exc:
-        if isinstance(exc, (aiosmtplib.SMTPTimeoutError, aiosmtplib.SMTPServerDisconnected)):
-            log.warning("%s: no reply to the final dot from %s: message may be delivered "
-                        "more than once", envelope.queue_id, host)
-        return broken(exc, Stage.DATA, accepted)
-    done = oc.delivered(response.message, engine=engine, host=host, code=response.code)
-    for r in accepted:
-        outcomes[r] = done
-    if overflow:
-        # RFC 5321 §4.5.3.1.10: the server took some; send the rest in a new transaction
-        more, reusable = await run_transaction(client, envelope, overflow, engine=engine,
-                                               host=host, timeout=timeout,
-                                               final_timeout=final_timeout)
-        outcomes.update(more)
-        return outcomes, reusable
-    return outcomes, True
+    async def pipelined(self) -> Attempt:
+        client = self.client
+        try:
+            mail = _command(b"MAIL", b"FROM:", self.envelope.sender, self.encoding, self.options)
+        except (ValueError, UnicodeError) as exc:  # refused locally, nothing was sent
+            return Attempt(self.sender_refused(exc), client.is_connected)
+        sent: list[str] = []
+        lines = [mail]
+        for rcpt in self.recipients:
+            try:
+                lines.append(_command(b"RCPT", b"TO:", rcpt, self.encoding, ()))
+                sent.append(rcpt)
+            except (ValueError, UnicodeError) as exc:
+                self.outcomes[rcpt] = self.classify(exc, Stage.RCPT)
+        if not sent:
+            return Attempt(self.outcomes, client.is_connected)
+        lines.append(b"DATA\r\n")
+
+        protocol = client.protocol
+        transport = protocol.transport if protocol is not None else None
+        if protocol is None or transport is None or transport.is_closing():
+            exc = aiosmtplib.SMTPServerDisconnected("Connection lost")
+            return self.broken(exc, Stage.MAIL, self.recipients, stale=True)
+        replies = _Replies(protocol)
+        transport.set_protocol(replies)
+        try:
+            attempt, reset = await self._exchange(protocol, replies, b"".join(lines), sent)
+        finally:
+            if protocol.transport is not None:
+                protocol.transport.set_protocol(protocol)
+                if replies.unread():  # more than we asked for: the session is not in step
+                    client.close()
+        if reset:
+            return Attempt(attempt.outcomes, await _reset(client, self.timeout), attempt.stale)
+        if attempt.reusable and not client.is_connected:
+            return Attempt(attempt.outcomes, False, attempt.stale)
+        return attempt
+
+    async def _exchange(self, protocol: _protocol.SMTPProtocol, replies: "_Replies",
+                        commands: bytes, sent: list[str]) -> tuple[Attempt, bool]:
+        """Write the group, read its replies in order. Returns (attempt, needs RSET)."""
+        client, timeout = self.client, self.timeout
+        try:
+            protocol.write(commands)
+            reply = await replies.next(timeout)
+        except aiosmtplib.SMTPResponseException as exc:  # garbled
+            return self.broken(exc, Stage.MAIL, self.recipients), False
+        except Exception as exc:
+            return self.broken(exc, Stage.MAIL, self.recipients,
+                               stale=isinstance(exc, _DISCONNECTED)), False
+        if reply.code != 250:
+            outcomes = self.sender_refused(
+                aiosmtplib.SMTPSenderRefused(reply.code, reply.message, self.envelope.sender))
+            if reply.code == 421:
+                client.close()
+                return Attempt(outcomes, False, stale=True), False
+            # the RCPTs and DATA are answered too (503): read them to stay in step
+            try:
+                for _ in range(len(sent) + 1):
+                    reply = await replies.next(timeout)
+            except Exception:
+                client.close()
+                return Attempt(outcomes, False), False
+            if reply.code == 354:  # DATA accepted without a sender: do not go on
+                client.close()
+                return Attempt(outcomes, False), False
+            return Attempt(outcomes, False), True
+
+        for rcpt in sent:
+            try:
+                reply = await replies.next(timeout)
+            except Exception as exc:
+                return self.broken(exc, Stage.RCPT, self.recipients), False
+            if reply.code in (250, 251):
+                self.accepted.append(rcpt)
+                continue
+            refusal = aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, rcpt)
+            if not self.recipient_refused(rcpt, refusal):
+                return Attempt(self.outcomes, False), False
+
+        try:
+            reply = await replies.next(timeout)
+        except Exception as exc:
+            if self.accepted:
+                return self.broken(exc, Stage.DATA, self.accepted), False
+            client.close()
+            return Attempt(self.outcomes, False), False
+        if not self.accepted:
+            if reply.code == 354:  # RFC 2920 §3.1 says 503/554 here; never send a body
+                client.close()
+                return Attempt(self.outcomes, False), False
+            if reply.code == 421:
+                client.close()
+                return Attempt(self.outcomes, False), False
+            return Attempt(self.outcomes, False), True
+        if reply.code != 354:
+            if reply.code == 421:
+                client.close()
+            self.data_refused(aiosmtplib.SMTPDataError(reply.code, reply.message))
+            return Attempt(self.outcomes, False), client.is_connected
+
+        try:
+            protocol.write(payload(self.envelope.data))
+            reply = await replies.next(self.final_timeout)
+        except aiosmtplib.SMTPResponseException as exc:  # garbled
+            return self.broken(exc, Stage.DATA, self.accepted), False
+        except Exception as exc:
+            if isinstance(exc, (aiosmtplib.SMTPTimeoutError, aiosmtplib.SMTPServerDisconnected)):
+                self.no_final_reply()
+            return self.broken(exc, Stage.DATA, self.accepted), False
+        if reply.code != 250:
+            if reply.code == 421:
+                client.close()
+            self.data_refused(aiosmtplib.SMTPDataError(reply.code, reply.message))
+            return Attempt(self.outcomes, False), client.is_connected
+        return self.delivered(reply), False
+
+
+def _command(verb: bytes, prefix: bytes, address: str, encoding: str,
+             options: Sequence[str]) -> bytes:
+    """One MAIL or RCPT line, checked as aiosmtplib checks it (ValueError, UnicodeError)."""
+    args = [prefix + quote_address(address).encode(encoding)]
+    args.extend(option.encode("ascii") for option in options)
+    for arg in args:
+        if _protocol.COMMAND_INJECTION_REGEX.search(arg):
+            raise ValueError("Command arg contains a prohibited control character")
+    return verb + b" " + b" ".join(args) + b"\r\n"
+
+
+def payload(data: bytes) -> bytes:
+    """The DATA body as sent: CRLF line ends, leading dots doubled, then the final dot.
+
+    The same preparation as aiosmtplib's own data(), but each regular expression runs only
+    when the message needs it: most arrive with CRLF line ends and no line starting with '.'.
+    """
+    crlf = data.count(b"\r\n")
+    if not (data.count(b"\r") == crlf == data.count(b"\n") and data.endswith(b"\r\n")):
+        data = _protocol.normalize_message_line_endings(data)
+    if data.startswith(b".") or b"\n." in data:
+        data = _protocol.PERIOD_REGEX.sub(b"..", data)
+    return data + b".\r\n"
+
+
+class _Replies(asyncio.Protocol):
+    """Reads the replies to a pipelined group of commands.
+
+    Installed on the transport in place of aiosmtplib's protocol for the length of one
+    group: that protocol expects one reply per command written and drops bytes that arrive
+    while no command waits, so it cannot read replies that come together. Connection loss
+    and flow control are passed on to it, so the client's own state stays right.
+    """
+
+    def __init__(self, inner: _protocol.SMTPProtocol) -> None:
+        self._inner = inner
+        self._buffer = bytearray()
+        self._replies: collections.deque[aiosmtplib.SMTPResponse] = collections.deque()
+        self._ended: Optional[BaseException] = None
+        self._waiter: Optional[asyncio.Future[None]] = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._ended is not None:
+            return
+        self._buffer.extend(data)
+        try:
+            while (reply := _parse_reply(self._buffer)) is not None:
+                self._replies.append(reply)
+            if len(self._buffer) > _protocol.MAX_RESPONSE_LENGTH:
+                raise aiosmtplib.SMTPResponseException(-1, "Response too long")
+        except aiosmtplib.SMTPResponseException as exc:
+            self._end(exc)
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._end(aiosmtplib.SMTPServerDisconnected("Unexpected EOF received"))
+        return False  # close the transport
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._end(aiosmtplib.SMTPServerDisconnected("Connection lost"))
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def unread(self) -> bool:
+        return bool(self._replies or self._buffer)
+
+    def _end(self, exc: BaseException) -> None:
+        if self._ended is None:
+            self._ended = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def next(self, timeout: Optional[float]) -> aiosmtplib.SMTPResponse:
+        """The next reply; SMTPResponseException (code -1) for a garbled one,
+        SMTPServerDisconnected when the connection ended, SMTPReadTimeoutError."""
+        if not self._replies and self._ended is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self._waiter, timeout)
+            except (TimeoutError, asyncio.TimeoutError):
+                raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from None
+            finally:
+                self._waiter = None
+        if self._replies:
+            return self._replies.popleft()
+        assert self._ended is not None
+        raise self._ended
+
+
+def _parse_reply(buffer: bytearray) -> Optional[aiosmtplib.SMTPResponse]:
+    """Take one complete reply off the front of `buffer` (None if it has none yet);
+    SMTPResponseException with code -1 for a line that is not a reply (as aiosmtplib)."""
+    code = -1
+    message = bytearray()
+    offset = 0
+    while True:
+        end = buffer.find(b"\n", offset)
+        if end == -1:
+            return None
+        line = bytes(buffer[offset:end + 1])
+        if len(line) > _protocol.MAX_LINE_LENGTH:
+            raise aiosmtplib.SMTPResponseException(-1, "Response too long")
+        try:
+            code = int(line[:3])
+        except ValueError:
+            raise aiosmtplib.SMTPResponseException(
+                -1, f"Malformed SMTP response line: {line.decode('utf-8', errors='ignore')}") from None
+        offset += len(line)
+        if message:
+            message.extend(b"\n")
+        message.extend(line[4:].strip(b" \t\r\n"))
+        if line[3:4] != b"-":
+            del buffer[:offset]
+            return aiosmtplib.SMTPResponse(code, bytes(message).decode("utf-8", "surrogateescape"))
 
 
 async def send_data(client: aiosmtplib.SMTP, data: bytes, *, timeout: float,
@@ -325,18 +661,16 @@ async def send_data(client: aiosmtplib.SMTP, data: bytes, *, timeout: float,
     dot within `final_timeout` (RFC 5321 §4.5.3.2.6: 10 minutes; a short wait there turns
     slow receivers into duplicates). aiosmtplib's data() has one timeout for both.
 
-    The payload is prepared as aiosmtplib's own data() does: line ends normalized to
-    CRLF, leading dots doubled, then the terminating dot.
+    The payload is prepared as aiosmtplib's own data() does (`payload()`).
     """
     start = await client.execute_command(b"DATA", timeout=timeout)
     if start.code != 354:
         raise aiosmtplib.SMTPDataError(start.code, start.message)
-    payload = _protocol.PERIOD_REGEX.sub(b"..", _protocol.normalize_message_line_endings(data))
     protocol = client.protocol
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
     try:
-        protocol.write(payload + b".\r\n")
+        protocol.write(payload(data))
         response = await protocol.read_response(timeout=final_timeout)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
         client.close()  # a late reply must never be paired with a later command
@@ -377,12 +711,21 @@ class _Idle:
     timer: asyncio.TimerHandle
 
 
+@dataclass(slots=True)
+class _Waiter:
+    key: Hashable
+    # set to (connection, idle seconds) handed over, or (None, 0) for a reserved slot
+    future: "asyncio.Future[tuple[Optional[aiosmtplib.SMTP], float]]"
+
+
 class ConnectionPool:
     """At most `limit` open connections for one engine, idle ones kept per key.
 
-    An idle connection holds its slot; when every slot is taken and a caller needs a
-    connection to another key, the oldest idle connection is closed to make room.
-    Idle connections are closed after `idle_timeout` seconds.
+    Idle connections are reused last-in first-out (the warmest first) and closed after
+    `idle_timeout` seconds. A connection or slot that comes free goes straight to the
+    longest waiter, so exactly `limit` deliveries work at once and nobody jumps the line.
+    When every slot is taken and a caller needs a connection to another key, the oldest
+    idle connection is closed to make room.
     """
 
     def __init__(self, limit: int, idle_timeout: float) -> None:
@@ -391,7 +734,7 @@ class ConnectionPool:
         self._open = 0
         self._peak = 0
         self._idle: dict[Hashable, list[_Idle]] = {}
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._waiters: collections.deque[_Waiter] = collections.deque()
         self._closed = False
 
     @property
@@ -408,57 +751,94 @@ class ConnectionPool:
         A caller that got None must later call `checkin()` with the connection it opened
         or `release_slot()` if opening failed.
         """
-        while True:
-            entries = self._idle.get(key)
-            while entries:
-                entry = entries.pop()
-                entry.timer.cancel()
-                if entry.client.is_connected:
-                    return entry.client
-                self._open -= 1  # it died while idle
-            if self._open < self._limit:
-                self._open += 1
-                self._peak = max(self._peak, self._open)
-                return None
-            if self._evict_oldest():
-                continue
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
-                    self._wake()  # we were woken but leave: pass it on
-                else:
+        client, _ = await self.checkout_aged(key)
+        return client
+
+    async def checkout_aged(self, key: Hashable) -> tuple[Optional[aiosmtplib.SMTP], float]:
+        """`checkout()`, with how many seconds the connection had been idle."""
+        entries = self._idle.get(key)
+        while entries:
+            entry = entries.pop()
+            entry.timer.cancel()
+            if entry.client.is_connected:
+                return entry.client, time.monotonic() - entry.since
+            self._open -= 1  # it died while idle
+        if self._open < self._limit and not self._waiters:
+            self._reserve()
+            return None, 0.0
+        if not self._waiters and self._evict_oldest():
+            self._reserve()
+            return None, 0.0
+        waiter = _Waiter(key, asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            if waiter.future.cancelled() or not waiter.future.done():
+                if waiter in self._waiters:
                     self._waiters.remove(waiter)
-                raise
+            else:  # handed something, but we leave: pass it on
+                client, _ = waiter.future.result()
+                if client is not None:
+                    self.checkin(key, client, True)
+                else:
+                    self.release_slot()
+            raise
 
     def checkin(self, key: Hashable, client: aiosmtplib.SMTP, reusable: bool) -> None:
-        """Give a connection back: kept idle when clean, closed otherwise."""
+        """Give a connection back: handed to a waiter or kept idle when clean, closed otherwise."""
         if reusable and client.is_connected and not self._closed:
+            waiter = self._next_waiter(key)
+            if waiter is not None:
+                waiter.future.set_result((client, 0.0))
+                return
+            if self._waiters:  # someone needs a slot for another key
+                client.close()
+                self._hand_slot()
+                return
             loop = asyncio.get_running_loop()
             timer = loop.call_later(self._idle_timeout, self._expire, key, client)
             self._idle.setdefault(key, []).append(_Idle(client, time.monotonic(), timer))
         else:
             client.close()
-            self._open -= 1
-        self._wake()
+            self._hand_slot()
 
     def release_slot(self) -> None:
         """A slot reserved by `checkout()` whose connection never opened."""
+        self._hand_slot()
+
+    def _reserve(self) -> None:
+        self._open += 1
+        self._peak = max(self._peak, self._open)
+
+    def _next_waiter(self, key: Hashable) -> Optional[_Waiter]:
+        for waiter in self._waiters:
+            if waiter.key == key and not waiter.future.done():
+                self._waiters.remove(waiter)
+                return waiter
+        return None
+
+    def _hand_slot(self) -> None:
+        """A slot came free: the longest waiter gets it, else it is given back."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.future.done():
+                waiter.future.set_result((None, 0.0))
+                return
         self._open -= 1
-        self._wake()
 
     def _expire(self, key: Hashable, client: aiosmtplib.SMTP) -> None:
         entries = self._idle.get(key, [])
         for i, entry in enumerate(entries):
             if entry.client is client:
                 del entries[i]
-                self._close_idle(entry)
-                self._wake()
+                entry.timer.cancel()
+                entry.client.close()
+                self._hand_slot()
                 return
 
     def _evict_oldest(self) -> bool:
+        """Close the oldest idle connection and keep its slot for the caller."""
         oldest: Optional[tuple[Hashable, int, _Idle]] = None
         for key, entries in self._idle.items():
             for i, entry in enumerate(entries):
@@ -469,20 +849,9 @@ class ConnectionPool:
         key, i, entry = oldest
         del self._idle[key][i]
         entry.timer.cancel()
-        self._close_idle(entry)
-        return True
-
-    def _close_idle(self, entry: _Idle) -> None:
-        entry.timer.cancel()
         entry.client.close()
         self._open -= 1
-
-    def _wake(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+        return True
 
     async def aclose(self) -> None:
         """Say QUIT on every idle connection (briefly) and close it."""
@@ -501,8 +870,8 @@ class ConnectionPool:
                 e.client.close()
 
         await asyncio.gather(*(quit(e) for e in entries))
-        self._open -= len(entries)
-        self._wake()
+        for _ in entries:
+            self._hand_slot()
 
 
 class InFlight:
@@ -597,11 +966,18 @@ class PooledEngine:
     async def _transaction(self, key: Hashable, envelope: Envelope, rcpts: list[str], *, host: str,
                            plan: Callable[[], SessionPlan],
                            retry: Callable[[SessionFailed], bool]) -> dict[str, Outcome]:
-        """One transaction on an idle pooled connection for `key` (checked with RSET), else on
-        a new session opened with `plan()`. When opening fails, the slot is given back and
-        `retry(failed)` says whether to try again; if not, its outcome is every recipient's."""
+        """One transaction on an idle pooled connection for `key`, else on a new session
+        opened with `plan()`. When opening fails, the slot is given back and
+        `retry(failed)` says whether to try again; if not, its outcome is every recipient's.
+
+        A connection that finished its last transaction cleanly is already reset
+        (RFC 5321 §4.1.1.4), so it is used as it is; one idle for longer than
+        `RSET_AFTER_IDLE` is first checked with RSET. A pooled connection found dead before
+        the server accepted MAIL (nothing sent) is dropped and the delivery goes on
+        on another one."""
         while True:
-            client = await self._pool.checkout(key)
+            client, idle = await self._pool.checkout_aged(key)
+            pooled = client is not None
             if client is None:
                 try:
                     client = await open_session(plan())
@@ -613,8 +989,8 @@ class PooledEngine:
                 except BaseException:
                     self._pool.release_slot()
                     raise
-            else:
-                # a pooled connection: make sure it is alive and clean before using it
+            elif idle > RSET_AFTER_IDLE:
+                # idle for a while: make sure it is alive before using it
                 try:
                     await client.rset(timeout=self.spec.timeout)
                 except asyncio.CancelledError:
@@ -625,12 +1001,17 @@ class PooledEngine:
                     continue
             reusable = False
             try:
-                outcomes, reusable = await run_transaction(
+                attempt = await transact(
                     client, envelope, rcpts, engine=self.name, host=host,
                     timeout=self.spec.timeout, final_timeout=self._ctx.final_timeout)
+                reusable = attempt.reusable
             finally:
                 self._pool.checkin(key, client, reusable)
-            return outcomes
+            if attempt.stale and pooled:
+                log.debug("%s: a pooled connection to %s had closed; using another",
+                          envelope.queue_id, host)
+                continue
+            return attempt.outcomes
 
     async def aclose(self) -> None:
         await self._inflight.drain()

@@ -3,7 +3,8 @@
 Owns the session policy for a named next hop: certificates and host name verified unless
 `verify no` (the context's CA file trusted beside the system store), AUTH PLAIN/LOGIN only
 over TLS, at most `connections` simultaneous connections, and reuse of idle
-authenticated connections (RSET between messages, dropped on error or when idle too long).
+authenticated connections (no RSET after a clean transaction, RSET once idle for over a
+second; dropped on error or when idle too long; pipelined when the server offers it).
 
 Never looks up MX records, never decides what a reply means (server.outcome), never raises
 out of `deliver()`.
