@@ -17,6 +17,13 @@ rename):
     corrupt/          quarantine for torn or unparseable files (never silently deleted)
     control/          requests from `routedsl queue` (NAME.req) and the relay's answers (NAME.res)
 
+The relay's own commits (`accept`) rename into msg/ before the file's fsync: on a
+journalling file system that fsync then commits the rename too, and the group fsync of
+msg/ that follows is nearly free. A message is acknowledged only after both, so a crash
+in between leaves a message nobody was told about: whole (delivered, at worst a
+duplicate) or torn (quarantined at start-up). The first delivery attempt of a message just
+accepted uses the bytes still in memory (bounded); later attempts read the file.
+
 The envelope line carries the data's size and SHA-256, so a torn or altered message is
 detected (at start-up by size, before delivery by checksum) and quarantined. State files
 are replaced atomically (temp + fsync + rename + fsync of state/), so a reader sees the old
@@ -29,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -51,6 +59,7 @@ STATUSES: tuple[str, ...] = ("pending", "delivered", "failed")
 _ID_RE = re.compile(r"^[0-9A-F]{20}$")
 _REQ_RE = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 _MAX_HEADER_LINE = 4 * 1024 * 1024  # an envelope line longer than this is corrupt
+FRESH_LIMIT = 32 * 1024 * 1024      # bytes of just-accepted messages kept for their first attempt
 
 
 class SpoolError(Exception):
@@ -211,14 +220,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_file(path: Path, chunks: Iterable[bytes]) -> None:
-    """Create `path` (must not exist), write, fsync. On any error the file is removed."""
+def _write_file(path: Path, chunks: Iterable[bytes], *, sync: bool = True) -> None:
+    """Create `path` (must not exist), write, fsync unless `sync` is False (the caller then
+    fsyncs it later with `_fsync_path`). On any error the file is removed."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "wb", closefd=False) as f:
             for chunk in chunks:
                 f.write(chunk)
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         try:
@@ -227,6 +238,15 @@ def _write_file(path: Path, chunks: Iterable[bytes]) -> None:
             pass
         raise
     os.close(fd)
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file by name (fsync flushes the inode, whichever descriptor asks)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _envelope_line(msg: QueuedMessage, digest: str) -> bytes:
@@ -275,24 +295,44 @@ def read_state_file(path: Path) -> MessageState:
 
 # ---------------------------------------------------------------- group commit of folders
 
+def _sync_batch(path: Path, actions: list[Optional[Path]]) -> list[Optional[OSError]]:
+    """Unlink each given file of a batch, then fsync the folder once (one thread hop for all).
+
+    Returns each caller's own unlink error (None when fine); a failed folder fsync raises
+    for the whole batch.
+    """
+    errors: list[Optional[OSError]] = []
+    for victim in actions:
+        try:
+            if victim is not None:
+                _unlink_quietly(victim)
+            errors.append(None)
+        except OSError as exc:
+            errors.append(exc)
+    fsync_dir(path)
+    return errors
+
+
 class _GroupSync:
-    """fsync one folder on behalf of every caller that renamed into it before the sync began.
+    """fsync one folder on behalf of every caller that changed it before the sync began.
 
     Callers that arrive while a sync runs share the next one: under load, many commits
     cost one folder fsync (group commit), and each caller still returns only after a
-    sync that started after its own rename.
+    sync that started after its own change. A caller may hand over the change itself
+    (`unlink`): it is made in the syncing thread just before the fsync, so a removal costs
+    no thread hop of its own.
     """
 
     def __init__(self, path: Path, executor: ThreadPoolExecutor) -> None:
         self._path = path
         self._executor = executor
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters: list[tuple[asyncio.Future[None], Optional[Path]]] = []
         self._task: Optional[asyncio.Task[None]] = None
 
-    async def sync(self) -> None:
+    async def sync(self, unlink: Optional[Path] = None) -> None:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        self._waiters.append(fut)
+        self._waiters.append((fut, unlink))
         if self._task is None:
             self._task = loop.create_task(self._run())
         await fut
@@ -303,15 +343,20 @@ class _GroupSync:
             while self._waiters:
                 waiters, self._waiters = self._waiters, []
                 try:
-                    await loop.run_in_executor(self._executor, fsync_dir, self._path)
+                    errors = await loop.run_in_executor(
+                        self._executor, _sync_batch, self._path, [u for _, u in waiters])
                 except OSError as exc:
-                    for w in waiters:
+                    for w, _ in waiters:
                         if not w.done():
                             w.set_exception(exc)
                 else:
-                    for w in waiters:
-                        if not w.done():
+                    for (w, _), err in zip(waiters, errors):
+                        if w.done():
+                            continue
+                        if err is None:
                             w.set_result(None)
+                        else:
+                            w.set_exception(err)
         finally:
             self._task = None
 
@@ -342,6 +387,13 @@ class Spool:
         self._bytes = 0
         self._msg_sync: Optional[_GroupSync] = None
         self._state_sync: Optional[_GroupSync] = None
+        # ids whose state/ID.json may exist (absent: nothing to unlink when they finish)
+        self._state_files: set[str] = set()
+        # the bytes of messages just accepted, kept for their first delivery attempt so it
+        # neither re-reads nor re-hashes the file; bounded, and dropped once loaded
+        self._fresh: dict[str, bytes] = {}
+        self._fresh_bytes = 0
+        self.fresh_limit = FRESH_LIMIT
 
     # -- lifecycle
 
@@ -395,6 +447,7 @@ class Spool:
             _unlink_quietly(p)
         self._messages.clear()
         self._states.clear()
+        self._state_files.clear()
         self._bytes = 0
         for p in sorted(self.msg_dir.iterdir()):
             if not is_queue_id(p.name) or not p.is_file():
@@ -422,8 +475,10 @@ class Spool:
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 self._quarantine(p, f"torn or unreadable state ({exc}); message {qid} "
                                     f"recovered with every recipient pending")
+                self._state_files.add(qid)   # the move may have failed: unlink at the end
                 continue
             self._states[qid] = state
+            self._state_files.add(qid)
         for qid, msg in list(self._messages.items()):
             state = self._states.get(qid)
             if state is not None and state.done:
@@ -480,12 +535,25 @@ class Spool:
         return data
 
     async def load(self, qid: str) -> bytes:
+        """The message bytes: those just accepted for a first attempt, else read and checked."""
+        data = self._fresh.pop(qid, None)
+        if data is not None:
+            self._fresh_bytes -= len(data)
+            return data
         return await self._run(self.read_data, qid)
 
     # -- committing messages
 
     def _write_committed(self, sender: str, recipients: Iterable[str], data: bytes,
-                         smtputf8: bool, kind: str) -> QueuedMessage:
+                         smtputf8: bool, kind: str, *, rename_first: bool = False) -> QueuedMessage:
+        """Write the message into tmp/ and rename it into msg/ (the folder is not fsynced).
+
+        With `rename_first` the file is renamed before its fsync (then done here too), so
+        the file's fsync also commits the rename on a journalling file system and the
+        folder's fsync that follows finds little left to do. Either way the caller
+        acknowledges only after the folder fsync; a crash before it leaves a message that
+        was never acknowledged (whole, or torn and quarantined at start-up).
+        """
         if kind not in KINDS:
             raise ValueError(f"unknown message kind {kind!r}")
         rcpts = tuple(recipients)
@@ -495,12 +563,18 @@ class Spool:
                             size=len(data), arrival=time.time(), smtputf8=smtputf8, kind=kind)
         line = _envelope_line(msg, hashlib.sha256(data).hexdigest())
         tmp = self.tmp_dir / msg.id
-        _write_file(tmp, (line, data))
+        _write_file(tmp, (line, data), sync=not rename_first)
         try:
             os.replace(tmp, self.msg_dir / msg.id)
         except BaseException:
             _unlink_quietly(tmp)
             raise
+        if rename_first:
+            try:
+                _fsync_path(self.msg_dir / msg.id)
+            except BaseException:
+                _unlink_quietly(self.msg_dir / msg.id)
+                raise
         return msg
 
     def put(self, sender: str, recipients: Iterable[str], data: bytes, *,
@@ -533,7 +607,8 @@ class Spool:
 
     async def _accept(self, sender: str, recipients: tuple[str, ...], data: bytes,
                       smtputf8: bool, kind: str) -> QueuedMessage:
-        msg = await self._run(self._write_committed, sender, recipients, data, smtputf8, kind)
+        msg = await self._run(functools.partial(
+            self._write_committed, sender, recipients, data, smtputf8, kind, rename_first=True))
         assert self._msg_sync is not None
         try:
             await self._msg_sync.sync()
@@ -541,6 +616,9 @@ class Spool:
             await self._run(self._rollback, msg.id)
             raise
         self._register(msg)
+        if self._fresh_bytes + msg.size <= self.fresh_limit:
+            self._fresh[msg.id] = data
+            self._fresh_bytes += msg.size
         return msg
 
     def _rollback(self, qid: str) -> None:
@@ -556,6 +634,10 @@ class Spool:
         if msg is not None:
             self._bytes -= msg.size
         self._states.pop(qid, None)
+        self._state_files.discard(qid)
+        data = self._fresh.pop(qid, None)
+        if data is not None:
+            self._fresh_bytes -= len(data)
 
     # -- state
 
@@ -573,6 +655,7 @@ class Spool:
         """Replace a message's state durably (blocking); the in-memory copy follows."""
         if state.id not in self._messages:
             raise KeyError(state.id)
+        self._state_files.add(state.id)
         self._write_state_file(state)
         fsync_dir(self.state_dir)
         self._states[state.id] = state
@@ -584,6 +667,7 @@ class Spool:
         """
         if state.id not in self._messages:
             raise KeyError(state.id)
+        self._state_files.add(state.id)
         await self._run(self._write_state_file, state)
         assert self._state_sync is not None
         await self._state_sync.sync()
@@ -603,11 +687,13 @@ class Spool:
         self._forget(qid)
 
     async def finish(self, qid: str) -> None:
-        """`remove` for the event loop; the folder fsync is shared with concurrent commits."""
-        await self._run(_unlink_quietly, self.msg_dir / qid)
+        """`remove` for the event loop: the unlink of msg/ID rides on a folder fsync shared
+        with concurrent commits (no thread hop of its own); state/ID.json is unlinked only
+        after that, and only when one was ever written."""
         assert self._msg_sync is not None
-        await self._msg_sync.sync()
-        await self._run(_unlink_quietly, self.state_dir / f"{qid}.json")
+        await self._msg_sync.sync(unlink=self.msg_dir / qid)
+        if qid in self._state_files:
+            await self._run(_unlink_quietly, self.state_dir / f"{qid}.json")
         self._forget(qid)
 
     # -- control requests (from `routedsl queue` while this relay holds the lock)

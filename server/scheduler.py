@@ -252,13 +252,17 @@ class Scheduler:
         self._attempt_snaps[qid] = snap
         self._locks[qid] = asyncio.Lock()
         groups = await self._plan(snap, msg, pending)
-        only_group = len(groups) == 1
-        # a TaskGroup: if one group's step fails (e.g. its state cannot be written), the other
-        # groups are cancelled too, so no walk outlives the attempt that a retry will repeat
-        async with asyncio.TaskGroup() as tg:
-            walks = [tg.create_task(self._walk(snap, msg, data, engines, rcpts, rules, only_group))
-                     for engines, (rcpts, rules) in groups.items()]
-        results = [w for task in walks for w in task.result()]
+        if len(groups) == 1:
+            # the usual case: one plan for every recipient, walked in this task (no task to start)
+            ((engines, (rcpts, rules)),) = groups.items()
+            results = await self._walk(snap, msg, data, engines, rcpts, rules, True)
+        else:
+            # a TaskGroup: if one group's step fails (e.g. its state cannot be written), the
+            # other groups are cancelled too, so no walk outlives the attempt a retry repeats
+            async with asyncio.TaskGroup() as tg:
+                walks = [tg.create_task(self._walk(snap, msg, data, engines, rcpts, rules, False))
+                         for engines, (rcpts, rules) in groups.items()]
+            results = [w for task in walks for w in task.result()]
         await self._conclude(msg, data, results)
 
     async def _plan(self, snap: "Snapshot", msg: QueuedMessage, pending: Sequence[str]

@@ -5,6 +5,7 @@
 POINT is where the k-th commit dies with SIGKILL:
   mid_write     half the bytes are in tmp/, nothing fsynced
   before_rename written and fsynced in tmp/, not yet renamed into msg/
+  before_filesync (accept only) renamed into msg/ before the file's own fsync
   before_dirsync renamed into msg/, the folder not yet fsynced (never acknowledged)
   after_ack     put() returned and the ACK line was printed
 MODE is "put" (one at a time), "accept" (10 concurrent accepts, group commit) or "state"
@@ -41,14 +42,14 @@ def main() -> None:
     if point == "mid_write":
         real_write = queue._write_file
 
-        def write(path, chunks):
+        def write(path, chunks, **kw):
             is_state = path.name.endswith(".state")
             if path.parent.name == "tmp" and is_state == (mode == "state") and nth():
                 data = b"".join(chunks)
                 with open(path, "wb") as f:
                     f.write(data[: len(data) // 2])
                 die()
-            return real_write(path, chunks)
+            return real_write(path, chunks, **kw)
         queue._write_file = write
     elif point == "before_rename":
         real_replace = os.replace
@@ -59,6 +60,14 @@ def main() -> None:
                 die()
             return real_replace(src, dst)
         queue.os.replace = replace  # type: ignore[attr-defined]
+    elif point == "before_filesync":
+        real_fsync = queue._fsync_path
+
+        def fsync_path(path):
+            if nth():
+                die()
+            return real_fsync(path)
+        queue._fsync_path = fsync_path
     elif point == "before_dirsync":
         real_sync = queue.fsync_dir
 

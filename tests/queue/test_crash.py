@@ -28,8 +28,12 @@ def run_child(root: Path, point: str, k: int, count: int, mode: str) -> list[tup
     return acks
 
 
-@pytest.mark.parametrize("mode", ["put", "accept"])
-@pytest.mark.parametrize("point", ["mid_write", "before_rename", "before_dirsync", "after_ack"])
+@pytest.mark.parametrize("mode,point", [
+    *((mode, point) for mode in ("put", "accept")
+      for point in ("mid_write", "before_rename", "before_dirsync", "after_ack")),
+    # accept renames before the file's fsync (the fsync then commits the rename as well)
+    ("accept", "before_filesync"),
+])
 def test_nothing_acknowledged_is_lost_nothing_torn_is_live(tmp_path: Path, point: str, mode: str) -> None:
     k = 7
     acks = run_child(tmp_path, point, k, 30, mode)
