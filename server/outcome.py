@@ -23,12 +23,11 @@ import enum
 import logging
 import re
 import ssl
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
 import aiosmtplib
-import dns.exception
-import dns.resolver
 
 from server.text import MAX_TEXT, clean_text  # MAX_TEXT: the bound of every Outcome.text
 
@@ -206,13 +205,9 @@ def _classify(exc: BaseException, *, engine: str, host: Optional[str], stage: St
     if isinstance(exc, (aiosmtplib.SMTPServerDisconnected, ConnectionError, EOFError)):
         return temp("4.4.2", f"connection to {host or engine} lost ({stage.value})")
 
-    if isinstance(exc, dns.resolver.NXDOMAIN):
-        return perm("5.1.2", f"domain does not exist: {_dns_names(exc)}", final=True, code=550)
-    if isinstance(exc, (dns.resolver.NoNameservers, dns.exception.Timeout,
-                        dns.resolver.LifetimeTimeout)):
-        return temp("4.4.3", f"DNS lookup failed, will retry: {_describe(exc)}")
-    if isinstance(exc, dns.exception.DNSException):
-        return temp("4.4.3", f"DNS lookup failed: {_describe(exc)}")
+    dns_problem = _dns_outcome(exc, temp, perm)
+    if dns_problem is not None:
+        return dns_problem
 
     if isinstance(exc, UnicodeError):
         # a non-ASCII address for a server that does not speak SMTPUTF8
@@ -239,6 +234,25 @@ def _classify(exc: BaseException, *, engine: str, host: Optional[str], stage: St
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return clean_text(text, 200)
+
+
+def _dns_outcome(exc: BaseException, temp, perm) -> Optional[Outcome]:  # type: ignore[no-untyped-def]
+    """The outcome of a dnspython error, None for anything else.
+
+    dnspython is looked up, not imported: a relay without a direct engine or an `mx` rule
+    never loads it (4 MiB), and then no DNS error can exist."""
+    exception = sys.modules.get("dns.exception")
+    if exception is None or not isinstance(exc, exception.DNSException):
+        return None
+    resolver = sys.modules.get("dns.resolver")
+    if resolver is not None:
+        if isinstance(exc, resolver.NXDOMAIN):
+            return perm("5.1.2", f"domain does not exist: {_dns_names(exc)}", final=True, code=550)
+        if isinstance(exc, (resolver.NoNameservers, resolver.LifetimeTimeout)):
+            return temp("4.4.3", f"DNS lookup failed, will retry: {_describe(exc)}")
+    if isinstance(exc, exception.Timeout):
+        return temp("4.4.3", f"DNS lookup failed, will retry: {_describe(exc)}")
+    return temp("4.4.3", f"DNS lookup failed: {_describe(exc)}")
 
 
 def _dns_names(exc: BaseException) -> str:

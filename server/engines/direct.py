@@ -17,7 +17,6 @@ from dataclasses import replace
 
 from routedsl.table import EngineSpec
 from server import outcome as oc
-from server.engines import mx
 from server.engines.base import (EngineContext, Envelope, PooledEngine, SessionFailed,
                                  SessionPlan, client_tls_context)
 from server.outcome import Outcome
@@ -47,6 +46,7 @@ class DirectEngine(PooledEngine):
 
     async def _deliver_domain(self, envelope: Envelope, domain: str,
                               rcpts: list[str]) -> dict[str, Outcome]:
+        from server.engines import mx  # dnspython only for relays that deliver direct
         found = await mx.resolve(domain, self._ctx)
         if found.outcome is not None:
             verdict = replace(found.outcome, engine=self.name)

@@ -311,3 +311,25 @@ async def test_pipelined_over_tls(tls):
         await engine.aclose()
         assert fake.grouped == [True, True] and fake.connections == 1
         assert all(m.tls for m in fake.messages) and len(fake.messages) == 2
+
+
+def test_a_relay_without_direct_delivery_never_loads_dnspython():
+    """4 MiB of memory: dnspython comes in only with the direct engine or an `mx` rule."""
+    import subprocess
+    import sys
+    code = ("import sys, server.app, server.engines.base, server.engines.smarthost, server.outcome as oc\n"
+            "oc.classify(OSError('x'), engine='e', host=None, stage=oc.Stage.CONNECT)\n"
+            "print(sorted(m for m in sys.modules if m == 'dns' or m.startswith('dns.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_dns_errors_are_still_classified_once_dnspython_is_loaded():
+    import dns.exception
+    import dns.resolver
+
+    from server import outcome as oc
+    nx = oc.classify(dns.resolver.NXDOMAIN(qnames=["gone.test."]), engine="d", host=None, stage=oc.Stage.DNS)
+    assert nx.final and nx.code == 550 and "gone.test" in nx.text
+    assert oc.classify(dns.exception.Timeout(), engine="d", host=None, stage=oc.Stage.DNS).temporary
+    assert oc.classify(dns.resolver.NoAnswer(), engine="d", host=None, stage=oc.Stage.DNS).enhanced == "4.4.3"
