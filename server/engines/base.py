@@ -233,8 +233,9 @@ class Attempt:
     """What one transaction left behind.
 
     `reusable`: the connection is in a clean state for another message.
-    `stale`: it failed before the server accepted MAIL, so nothing reached anyone; on a
-    pooled connection that means it died while idle, and a fresh one may try again.
+    `stale`: the connection went away (closed, or 421) before the server accepted any
+    recipient, so no message was sent; on a pooled connection that means it died while
+    idle, and another connection may carry the same transaction at once.
     """
     outcomes: dict[str, Outcome]
     reusable: bool
@@ -328,6 +329,10 @@ class _Step:
         self.client.close()
         return Attempt(self.outcomes, False, stale)
 
+    def nothing_taken(self, exc: BaseException) -> bool:
+        """The connection died before the server accepted any recipient: nothing was sent."""
+        return not self.accepted and isinstance(exc, _DISCONNECTED)
+
     def sender_refused(self, exc: BaseException) -> dict[str, Outcome]:
         refused = self.classify(exc, Stage.MAIL)
         return {r: refused for r in self.recipients}
@@ -390,9 +395,9 @@ class _Step:
                 if _garbled(exc):
                     return self.broken(exc, Stage.RCPT, self.recipients)
                 if not self.recipient_refused(rcpt, exc):
-                    return Attempt(self.outcomes, False)
+                    return Attempt(self.outcomes, False, stale=not self.accepted)
             except Exception as exc:
-                return self.broken(exc, Stage.RCPT, self.recipients)
+                return self.broken(exc, Stage.RCPT, self.recipients, stale=self.nothing_taken(exc))
 
         if not self.accepted:
             return Attempt(self.outcomes, await _reset(client, timeout))
@@ -485,13 +490,14 @@ class _Step:
             try:
                 reply = await replies.next(timeout)
             except Exception as exc:
-                return self.broken(exc, Stage.RCPT, self.recipients), False
+                return self.broken(exc, Stage.RCPT, self.recipients,
+                                   stale=self.nothing_taken(exc)), False
             if reply.code in (250, 251):
                 self.accepted.append(rcpt)
                 continue
             refusal = aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, rcpt)
             if not self.recipient_refused(rcpt, refusal):
-                return Attempt(self.outcomes, False), False
+                return Attempt(self.outcomes, False, stale=not self.accepted), False
 
         try:
             reply = await replies.next(timeout)
@@ -499,7 +505,7 @@ class _Step:
             if self.accepted:
                 return self.broken(exc, Stage.DATA, self.accepted), False
             client.close()
-            return Attempt(self.outcomes, False), False
+            return Attempt(self.outcomes, False, stale=self.nothing_taken(exc)), False
         if not self.accepted:
             if reply.code == 354:  # RFC 2920 §3.1 says 503/554 here; never send a body
                 client.close()
@@ -973,8 +979,8 @@ class PooledEngine:
         A connection that finished its last transaction cleanly is already reset
         (RFC 5321 §4.1.1.4), so it is used as it is; one idle for longer than
         `RSET_AFTER_IDLE` is first checked with RSET. A pooled connection found dead before
-        the server accepted MAIL (nothing sent) is dropped and the delivery goes on
-        on another one."""
+        the server accepted any recipient (nothing sent) is dropped and the delivery goes
+        on on another one."""
         while True:
             client, idle = await self._pool.checkout_aged(key)
             pooled = client is not None

@@ -218,6 +218,17 @@ async def test_a_pooled_connection_dead_at_mail_is_replaced(pipelining, how):
         assert fake.connections == 2 and len(fake.messages) == 2
 
 
+async def test_a_pooled_connection_dead_before_any_recipient_was_accepted_is_replaced(pipelining):
+    async with Fake(pipelining=pipelining) as fake:
+        engine = _engine(fake)
+        assert (await engine.deliver(envelope(queue_id="Q1"), ["a@ok.test"]))["a@ok.test"].delivered
+        fake.fail_local("a", "drop", times=1)
+        got = await engine.deliver(envelope(queue_id="Q2"), ["a@ok.test", "b@ok.test"])
+        await engine.aclose()
+        assert all(o.delivered for o in got.values()), got
+        assert fake.connections == 2 and [m.recipients for m in fake.messages][-1] == ["a@ok.test", "b@ok.test"]
+
+
 async def test_a_fresh_connection_dead_at_mail_is_not_retried(pipelining):
     async with Fake(pipelining=pipelining) as fake:
         fake.fail("MAIL", "421")
