@@ -295,44 +295,24 @@ def read_state_file(path: Path) -> MessageState:
 
 # ---------------------------------------------------------------- group commit of folders
 
-def _sync_batch(path: Path, actions: list[Optional[Path]]) -> list[Optional[OSError]]:
-    """Unlink each given file of a batch, then fsync the folder once (one thread hop for all).
-
-    Returns each caller's own unlink error (None when fine); a failed folder fsync raises
-    for the whole batch.
-    """
-    errors: list[Optional[OSError]] = []
-    for victim in actions:
-        try:
-            if victim is not None:
-                _unlink_quietly(victim)
-            errors.append(None)
-        except OSError as exc:
-            errors.append(exc)
-    fsync_dir(path)
-    return errors
-
-
 class _GroupSync:
     """fsync one folder on behalf of every caller that changed it before the sync began.
 
     Callers that arrive while a sync runs share the next one: under load, many commits
     cost one folder fsync (group commit), and each caller still returns only after a
-    sync that started after its own change. A caller may hand over the change itself
-    (`unlink`): it is made in the syncing thread just before the fsync, so a removal costs
-    no thread hop of its own.
+    sync that started after its own change.
     """
 
     def __init__(self, path: Path, executor: ThreadPoolExecutor) -> None:
         self._path = path
         self._executor = executor
-        self._waiters: list[tuple[asyncio.Future[None], Optional[Path]]] = []
+        self._waiters: list[asyncio.Future[None]] = []
         self._task: Optional[asyncio.Task[None]] = None
 
-    async def sync(self, unlink: Optional[Path] = None) -> None:
+    async def sync(self) -> None:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        self._waiters.append((fut, unlink))
+        self._waiters.append(fut)
         if self._task is None:
             self._task = loop.create_task(self._run())
         await fut
@@ -343,20 +323,15 @@ class _GroupSync:
             while self._waiters:
                 waiters, self._waiters = self._waiters, []
                 try:
-                    errors = await loop.run_in_executor(
-                        self._executor, _sync_batch, self._path, [u for _, u in waiters])
+                    await loop.run_in_executor(self._executor, fsync_dir, self._path)
                 except OSError as exc:
-                    for w, _ in waiters:
+                    for w in waiters:
                         if not w.done():
                             w.set_exception(exc)
                 else:
-                    for (w, _), err in zip(waiters, errors):
-                        if w.done():
-                            continue
-                        if err is None:
+                    for w in waiters:
+                        if not w.done():
                             w.set_result(None)
-                        else:
-                            w.set_exception(err)
         finally:
             self._task = None
 
@@ -687,11 +662,15 @@ class Spool:
         self._forget(qid)
 
     async def finish(self, qid: str) -> None:
-        """`remove` for the event loop: the unlink of msg/ID rides on a folder fsync shared
-        with concurrent commits (no thread hop of its own); state/ID.json is unlinked only
-        after that, and only when one was ever written."""
+        """`remove` for the event loop: the folder fsync is shared with concurrent commits;
+        state/ID.json is unlinked only after it, and only when one was ever written.
+
+        The unlink of msg/ID runs in a thread of its own, not in the syncing one: an unlink
+        can wait on the journal, and there it would hold up the commits sharing the sync.
+        """
         assert self._msg_sync is not None
-        await self._msg_sync.sync(unlink=self.msg_dir / qid)
+        await self._run(_unlink_quietly, self.msg_dir / qid)
+        await self._msg_sync.sync()
         if qid in self._state_files:
             await self._run(_unlink_quietly, self.state_dir / f"{qid}.json")
         self._forget(qid)

@@ -346,8 +346,7 @@ class RelaySMTP(SMTP):
         response.append("250 HELP")
         if self._ehlo_hook_ver == "new":
             response = await self._call_handler_hook("EHLO", hostname, response)
-        for line in response:
-            await self.push(line)
+        await self.push("\r\n".join(response))   # one write for the whole reply, not one per line
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
