@@ -19,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import ssl
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Hashable, Literal, Optional, Protocol, Sequence
 
@@ -96,15 +98,38 @@ def build_engine(spec: "EngineSpec", secret: Optional[str], ctx: EngineContext) 
 
 # --- TLS -----------------------------------------------------------------------------
 
+_contexts: "weakref.WeakValueDictionary[tuple[object, ...], ssl.SSLContext]" = weakref.WeakValueDictionary()
+
+
 def client_tls_context(*, verify: bool, ca_file: Optional[str] = None) -> ssl.SSLContext:
-    """A client context built once per engine (loading the system store is not free)."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    if verify:
-        if ca_file:
-            context.load_verify_locations(cafile=ca_file)
-    else:
+    """A client context, shared by every engine with the same settings while any uses it.
+
+    Loading the system store costs 1-2 MiB per context, so engines share one, and a
+    context that verifies nothing loads no store at all. A CA file is read again when it
+    changed (size or modification time), e.g. before a reload. Read-only once made.
+    """
+    stamp = None
+    if verify and ca_file:
+        info = os.stat(ca_file)
+        stamp = (info.st_size, info.st_mtime_ns)
+    key = (verify, ca_file if verify else None, stamp)
+    context = _contexts.get(key)
+    if context is None:
+        context = _new_tls_context(verify, ca_file)
+        _contexts[key] = context
+    return context
+
+
+def _new_tls_context(verify: bool, ca_file: Optional[str]) -> ssl.SSLContext:
+    if not verify:
+        # what create_default_context() makes, minus the system store nobody would consult
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
+        return context
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if ca_file:
+        context.load_verify_locations(cafile=ca_file)
     return context
 
 
