@@ -187,8 +187,27 @@ def _fmt(v: float | None, digits: int = 0) -> str:
     return "–" if v is None else f"{v:,.{digits}f}"
 
 
+def medians(results: list[RunResult]) -> str:
+    """Markdown: per variant, shape and system, the median of each figure over the rounds."""
+    out = ["| variant | shape | system | runs | e2e msg/s | accept msg/s | p50 / p99 ms | 250 p50 ms | CPU ms/msg | memory MiB (PSS) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r.variant, r.shape, r.system) for r in results},
+                  key=lambda k: (VARIANTS.index(k[0]), k[1], SYSTEMS.index(k[2])))
+    for variant, shape, system in keys:
+        runs = [r for r in results if (r.variant, r.shape, r.system) == (variant, shape, system)]
+
+        def med(get) -> float | None:
+            vals = [get(r) for r in runs if get(r) is not None]
+            return statistics.median(vals) if vals else None
+        out.append(f"| {variant} | {shape} | {system} | {len(runs)} | {_fmt(med(lambda r: r.e2e_msg_s))} | "
+                   f"{_fmt(med(lambda r: r.accept_msg_s))} | {_fmt(med(lambda r: r.p50_ms))} / "
+                   f"{_fmt(med(lambda r: r.p99_ms))} | {_fmt(med(lambda r: r.accept_p50_ms), 1)} | "
+                   f"{_fmt(med(lambda r: r.cpu_ms_per_msg), 2)} | {_fmt(med(lambda r: r.memory_kib / 1024), 1)} |")
+    return "\n".join(out)
+
+
 def summary(results: list[RunResult]) -> str:
-    """Markdown: every run, then per variant and shape the paired ratios."""
+    """Markdown: every run, the medians, then per variant and shape the paired ratios."""
     out = ["| round | variant | shape | system | msg/s e2e | accept msg/s | p50 ms | p99 ms | 250 p50 ms | CPU ms/msg | memory MiB | note |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -198,6 +217,7 @@ def summary(results: list[RunResult]) -> str:
                    f"{_fmt(r.accept_msg_s)} | {_fmt(r.p50_ms, 1)} | {_fmt(r.p99_ms, 1)} | {_fmt(r.accept_p50_ms, 1)} | "
                    f"{_fmt(r.cpu_ms_per_msg, 2)} | {memory} | {r.note} |")
     systems = list(dict.fromkeys(r.system for r in results))
+    out += ["", medians(results)]
     out += ["", "| ratio | variant | shape | pairs | e2e msg/s: median [min, max] | accept msg/s | CPU/msg | memory (PSS) | p50 latency |",
             "|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r.variant, r.shape) for r in results}, key=lambda k: (VARIANTS.index(k[0]), k[1]))
@@ -248,6 +268,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="also write every run as JSON here")
     p.add_argument("--profile", type=Path, default=None, metavar="DIR",
                    help="record routedsl under load with py-spy (collapsed stacks) into DIR")
+    p.add_argument("--report", type=Path, default=None, metavar="JSON",
+                   help="print the tables for runs saved with --json, and run nothing")
     p.add_argument("--keep-logs", action="store_true", help="print each relay's log tail")
     args = p.parse_args(argv)
     if args.messages is None:
@@ -311,6 +333,10 @@ async def _all_runs(args: argparse.Namespace, results: list[RunResult]) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     args = parse_args(argv)
+    if args.report:
+        saved = json.loads(args.report.read_text())
+        print(summary([RunResult(**{"accept_p50_ms": None, **r}) for r in saved]))
+        return 0
     ensure_packages()
     results = asyncio.run(main_async(args))
     print(summary(results))
