@@ -466,7 +466,7 @@ class _Step:
         if protocol is None or transport is None or transport.is_closing():
             exc = aiosmtplib.SMTPServerDisconnected("Connection lost")
             return self.broken(exc, Stage.MAIL, self.recipients, stale=True)
-        replies = _Replies(protocol)
+        replies = _Replies(protocol, expected=len(lines) + 1)  # and the final dot's
         transport.set_protocol(replies)
         try:
             attempt, reset = await self._exchange(protocol, replies, b"".join(lines), sent)
@@ -540,6 +540,8 @@ class _Step:
                 return Attempt(self.outcomes, False), False
             return Attempt(self.outcomes, False), True
         if reply.code != 354:
+            if 200 <= reply.code < 400:  # a success that is not "go ahead": out of step
+                return self.broken(_out_of_step(reply), Stage.DATA, self.accepted), False
             if reply.code == 421:
                 client.close()
             self.data_refused(aiosmtplib.SMTPDataError(reply.code, reply.message))
@@ -596,8 +598,11 @@ class _Replies(asyncio.Protocol):
     and flow control are passed on to it, so the client's own state stays right.
     """
 
-    def __init__(self, inner: _protocol.SMTPProtocol) -> None:
+    def __init__(self, inner: _protocol.SMTPProtocol, expected: int) -> None:
         self._inner = inner
+        self._expected = expected  # replies beyond this are not ours: dropped, noted
+        self._taken = 0
+        self._extra = False
         self._buffer = bytearray()
         self._replies: collections.deque[aiosmtplib.SMTPResponse] = collections.deque()
         self._ended: Optional[BaseException] = None
@@ -609,6 +614,10 @@ class _Replies(asyncio.Protocol):
         self._buffer.extend(data)
         try:
             while (reply := _parse_reply(self._buffer)) is not None:
+                if self._taken >= self._expected:
+                    self._extra = True  # a server out of step; bounded memory all the same
+                    continue
+                self._taken += 1
                 self._replies.append(reply)
             if len(self._buffer) > _protocol.MAX_RESPONSE_LENGTH:
                 raise aiosmtplib.SMTPResponseException(-1, "Response too long")
@@ -631,7 +640,7 @@ class _Replies(asyncio.Protocol):
         self._inner.resume_writing()
 
     def unread(self) -> bool:
-        return bool(self._replies or self._buffer)
+        return bool(self._replies or self._buffer or self._extra)
 
     def _end(self, exc: BaseException) -> None:
         if self._ended is None:
@@ -696,6 +705,9 @@ async def send_data(client: aiosmtplib.SMTP, data: bytes, *, timeout: float,
     """
     start = await client.execute_command(b"DATA", timeout=timeout)
     if start.code != 354:
+        if 200 <= start.code < 400:  # a success that is not "go ahead": out of step
+            client.close()
+            raise _out_of_step(start)
         raise aiosmtplib.SMTPDataError(start.code, start.message)
     protocol = client.protocol
     if protocol is None:
@@ -711,6 +723,11 @@ async def send_data(client: aiosmtplib.SMTP, data: bytes, *, timeout: float,
             client.close()
         raise aiosmtplib.SMTPDataError(response.code, response.message)
     return response
+
+
+def _out_of_step(reply: aiosmtplib.SMTPResponse) -> aiosmtplib.SMTPResponseException:
+    """DATA answered with a success other than 354: never a delivery, the session is lost."""
+    return aiosmtplib.SMTPResponseException(-1, f"{reply.code} {reply.message} in reply to DATA")
 
 
 def _garbled(exc: BaseException) -> bool:

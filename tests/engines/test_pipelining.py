@@ -344,3 +344,38 @@ def test_dns_errors_are_still_classified_once_dnspython_is_loaded():
     assert nx.final and nx.code == 550 and "gone.test" in nx.text
     assert oc.classify(dns.exception.Timeout(), engine="d", host=None, stage=oc.Stage.DNS).temporary
     assert oc.classify(dns.resolver.NoAnswer(), engine="d", host=None, stage=oc.Stage.DNS).enhanced == "4.4.3"
+
+
+async def test_a_hostile_multiline_reply_is_cleaned_when_pipelined():
+    from tests.support.fake_smtp import EVIL_REPLY
+    async with Fake() as fake:
+        fake.fail_local("evil", EVIL_REPLY)
+        got = await _send(fake, ["a@ok.test", "evil@ok.test"])
+        text = got["evil@ok.test"].text
+        assert got["a@ok.test"].delivered and got["evil@ok.test"].final
+        assert "\x1b" not in text and "\r" not in text and "\n" not in text
+
+
+async def test_more_replies_than_commands_are_not_kept_and_end_the_session():
+    """A server that answers twice (or floods replies) is out of step: the extra replies
+    are dropped as they come, and the connection is not used again."""
+    async with Fake() as fake:
+        fake.fail("MAIL", "250 2.1.0 Ok\r\n" + "250 2.0.0 extra\r\n" * 2000 + "250 2.1.0 Ok", times=1)
+        engine = _engine(fake)
+        first = await engine.deliver(envelope(queue_id="Q1"), ["a@ok.test"])
+        second = await engine.deliver(envelope(queue_id="Q2"), ["b@ok.test"])
+        await engine.aclose()
+        assert first["a@ok.test"].temporary  # DATA "answered" 250: out of step, not a delivery
+        assert second["b@ok.test"].delivered and fake.connections == 2
+        assert [m.recipients for m in fake.messages] == [["b@ok.test"]]
+
+
+async def test_a_success_in_reply_to_the_data_command_is_not_a_delivery(pipelining):
+    async with Fake(pipelining=pipelining) as fake:
+        fake.fail("DATACMD", "250 2.0.0 Ok", times=1)
+        engine = _engine(fake)
+        first = await engine.deliver(envelope(queue_id="Q1"), ["a@ok.test"])
+        second = await engine.deliver(envelope(queue_id="Q2"), ["a@ok.test"])
+        await engine.aclose()
+        assert first["a@ok.test"].temporary and not fake.messages[:-1]
+        assert second["a@ok.test"].delivered and fake.connections == 2
