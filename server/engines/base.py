@@ -5,7 +5,8 @@ Owns:
   the `Engine` protocol and `build_engine()`;
 * `open_session()`: connect, EHLO, STARTTLS per policy, AUTH only over TLS;
 * `run_transaction()`/`transact()`: one MAIL/RCPT.../DATA transaction with per-recipient
-  outcomes, pipelined (RFC 2920) when the server offers it;
+  outcomes, pipelined (RFC 2920) when the server offers it (the bytes themselves:
+  server/engines/wire.py);
 * `ConnectionPool`: at most N open connections per engine, idle ones kept for reuse
   (warmest first), freed connections handed to waiters in arrival order;
 * `PooledEngine`: what both SMTP engines do around a delivery (each recipient once,
@@ -28,9 +29,9 @@ from typing import TYPE_CHECKING, Callable, Hashable, Literal, Optional, Protoco
 
 import aiosmtplib
 import aiosmtplib.protocol as _protocol
-from aiosmtplib.email import quote_address
 
 from server import outcome as oc
+from server.engines.wire import Replies, command, payload
 from server.outcome import Outcome, Stage
 
 if TYPE_CHECKING:
@@ -446,14 +447,14 @@ class _Step:
     async def pipelined(self) -> Attempt:
         client = self.client
         try:
-            mail = _command(b"MAIL", b"FROM:", self.envelope.sender, self.encoding, self.options)
+            mail = command(b"MAIL", b"FROM:", self.envelope.sender, self.encoding, self.options)
         except (ValueError, UnicodeError) as exc:  # refused locally, nothing was sent
             return Attempt(self.sender_refused(exc), client.is_connected)
         sent: list[str] = []
         lines = [mail]
         for rcpt in self.recipients:
             try:
-                lines.append(_command(b"RCPT", b"TO:", rcpt, self.encoding, ()))
+                lines.append(command(b"RCPT", b"TO:", rcpt, self.encoding, ()))
                 sent.append(rcpt)
             except (ValueError, UnicodeError) as exc:
                 self.outcomes[rcpt] = self.classify(exc, Stage.RCPT)
@@ -466,7 +467,7 @@ class _Step:
         if protocol is None or transport is None or transport.is_closing():
             exc = aiosmtplib.SMTPServerDisconnected("Connection lost")
             return self.broken(exc, Stage.MAIL, self.recipients, stale=True)
-        replies = _Replies(protocol, expected=len(lines) + 1)  # and the final dot's
+        replies = Replies(protocol, expected=len(lines) + 1)  # and the final dot's
         transport.set_protocol(replies)
         try:
             attempt, reset = await self._exchange(protocol, replies, b"".join(lines), sent)
@@ -481,7 +482,7 @@ class _Step:
             return Attempt(attempt.outcomes, False, attempt.stale)
         return attempt
 
-    async def _exchange(self, protocol: _protocol.SMTPProtocol, replies: "_Replies",
+    async def _exchange(self, protocol: _protocol.SMTPProtocol, replies: Replies,
                         commands: bytes, sent: list[str]) -> tuple[Attempt, bool]:
         """Write the group, read its replies in order. Returns (attempt, needs RSET)."""
         client, timeout = self.client, self.timeout
@@ -562,137 +563,6 @@ class _Step:
             self.data_refused(aiosmtplib.SMTPDataError(reply.code, reply.message))
             return Attempt(self.outcomes, False), client.is_connected
         return self.delivered(reply), False
-
-
-def _command(verb: bytes, prefix: bytes, address: str, encoding: str,
-             options: Sequence[str]) -> bytes:
-    """One MAIL or RCPT line, checked as aiosmtplib checks it (ValueError, UnicodeError)."""
-    args = [prefix + quote_address(address).encode(encoding)]
-    args.extend(option.encode("ascii") for option in options)
-    for arg in args:
-        if _protocol.COMMAND_INJECTION_REGEX.search(arg):
-            raise ValueError("Command arg contains a prohibited control character")
-    return verb + b" " + b" ".join(args) + b"\r\n"
-
-
-def payload(data: bytes) -> bytes:
-    """The DATA body as sent: CRLF line ends, leading dots doubled, then the final dot.
-
-    The same preparation as aiosmtplib's own data(), but each regular expression runs only
-    when the message needs it: most arrive with CRLF line ends and no line starting with '.'.
-    """
-    crlf = data.count(b"\r\n")
-    if not (data.count(b"\r") == crlf == data.count(b"\n") and data.endswith(b"\r\n")):
-        data = _protocol.normalize_message_line_endings(data)
-    if data.startswith(b".") or b"\n." in data:
-        data = _protocol.PERIOD_REGEX.sub(b"..", data)
-    return data + b".\r\n"
-
-
-class _Replies(asyncio.Protocol):
-    """Reads the replies to a pipelined group of commands.
-
-    Installed on the transport in place of aiosmtplib's protocol for the length of one
-    group: that protocol expects one reply per command written and drops bytes that arrive
-    while no command waits, so it cannot read replies that come together. Connection loss
-    and flow control are passed on to it, so the client's own state stays right.
-    """
-
-    def __init__(self, inner: _protocol.SMTPProtocol, expected: int) -> None:
-        self._inner = inner
-        self._expected = expected  # replies beyond this are not ours: dropped, noted
-        self._taken = 0
-        self._extra = False
-        self._buffer = bytearray()
-        self._replies: collections.deque[aiosmtplib.SMTPResponse] = collections.deque()
-        self._ended: Optional[BaseException] = None
-        self._waiter: Optional[asyncio.Future[None]] = None
-
-    def data_received(self, data: bytes) -> None:
-        if self._ended is not None:
-            return
-        self._buffer.extend(data)
-        try:
-            while (reply := _parse_reply(self._buffer)) is not None:
-                if self._taken >= self._expected:
-                    self._extra = True  # a server out of step; bounded memory all the same
-                    continue
-                self._taken += 1
-                self._replies.append(reply)
-            if len(self._buffer) > _protocol.MAX_RESPONSE_LENGTH:
-                raise aiosmtplib.SMTPResponseException(-1, "Response too long")
-        except aiosmtplib.SMTPResponseException as exc:
-            self._end(exc)
-        self._wake()
-
-    def eof_received(self) -> bool:
-        self._end(aiosmtplib.SMTPServerDisconnected("Unexpected EOF received"))
-        return False  # close the transport
-
-    def connection_lost(self, exc: Optional[Exception]) -> None:
-        self._end(aiosmtplib.SMTPServerDisconnected("Connection lost"))
-        self._inner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self._inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._inner.resume_writing()
-
-    def unread(self) -> bool:
-        return bool(self._replies or self._buffer or self._extra)
-
-    def _end(self, exc: BaseException) -> None:
-        if self._ended is None:
-            self._ended = exc
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def next(self, timeout: Optional[float]) -> aiosmtplib.SMTPResponse:
-        """The next reply; SMTPResponseException (code -1) for a garbled one,
-        SMTPServerDisconnected when the connection ended, SMTPReadTimeoutError."""
-        if not self._replies and self._ended is None:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await asyncio.wait_for(self._waiter, timeout)
-            except (TimeoutError, asyncio.TimeoutError):
-                raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from None
-            finally:
-                self._waiter = None
-        if self._replies:
-            return self._replies.popleft()
-        assert self._ended is not None
-        raise self._ended
-
-
-def _parse_reply(buffer: bytearray) -> Optional[aiosmtplib.SMTPResponse]:
-    """Take one complete reply off the front of `buffer` (None if it has none yet);
-    SMTPResponseException with code -1 for a line that is not a reply (as aiosmtplib)."""
-    code = -1
-    message = bytearray()
-    offset = 0
-    while True:
-        end = buffer.find(b"\n", offset)
-        if end == -1:
-            return None
-        line = bytes(buffer[offset:end + 1])
-        if len(line) > _protocol.MAX_LINE_LENGTH:
-            raise aiosmtplib.SMTPResponseException(-1, "Response too long")
-        try:
-            code = int(line[:3])
-        except ValueError:
-            raise aiosmtplib.SMTPResponseException(
-                -1, f"Malformed SMTP response line: {line.decode('utf-8', errors='ignore')}") from None
-        offset += len(line)
-        if message:
-            message.extend(b"\n")
-        message.extend(line[4:].strip(b" \t\r\n"))
-        if line[3:4] != b"-":
-            del buffer[:offset]
-            return aiosmtplib.SMTPResponse(code, bytes(message).decode("utf-8", "surrogateescape"))
 
 
 async def send_data(client: aiosmtplib.SMTP, data: bytes, *, timeout: float,

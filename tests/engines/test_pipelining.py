@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 import server.engines.base as base
-from server.engines.base import ConnectionPool, build_engine, payload
+from server.engines.base import ConnectionPool, build_engine
+from server.engines.wire import payload
 from server.outcome import Kind
 from tests.engines.helpers import context, envelope, smarthost_spec
 from tests.support.fake_smtp import FakeSmtp, _Handler, _Session
