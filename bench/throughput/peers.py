@@ -19,6 +19,8 @@ import subprocess
 import threading
 import time
 
+from tests.support.postfix import free_port, wait_for_banner  # noqa: F401 (re-exported)
+
 SMTP_SINK = "/usr/sbin/smtp-sink"
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 POSTFIX = "/usr/sbin/postfix"
@@ -38,29 +40,6 @@ def ensure_packages() -> None:
     )
     subprocess.run(["apt-get", "update"], check=True, env=env)
     subprocess.run(["apt-get", "install", "-y", "postfix"], check=True, env=env)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_banner(host: str, port: int, seconds: float) -> None:
-    """Poll until ``host:port`` greets with 220; raise TimeoutError with the last error."""
-    deadline = time.monotonic() + seconds
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=1) as s:
-                s.settimeout(5)
-                if s.recv(512).startswith(b"220"):
-                    s.sendall(b"QUIT\r\n")
-                    return
-        except OSError as exc:
-            last = exc
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing greets on {host}:{port}: {last}")
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:

@@ -11,15 +11,7 @@ import pytest
 from server.queue import (CorruptMessage, MessageState, Spool, SpoolBusy, is_queue_id,
                           lock_holder, read_entry, scan)
 
-DATA = b"From: a@x.test\r\nTo: b@y.test\r\nSubject: hi\r\n\r\nbody\r\n"
-
-
-@pytest.fixture
-def spool(tmp_path: Path):
-    s = Spool(tmp_path / "spool")
-    s.open()
-    yield s
-    s.close()
+from tests.queue.conftest import DATA
 
 
 def test_put_commits_a_file_in_msg_and_nothing_in_tmp(spool: Spool) -> None:

@@ -12,15 +12,7 @@ import pytest
 import server.queue as queue
 from server.queue import CorruptMessage, Spool
 
-DATA = b"From: a@x.test\r\nTo: b@y.test\r\nSubject: hi\r\n\r\nbody\r\n"
-
-
-@pytest.fixture
-def spool(tmp_path: Path):
-    s = Spool(tmp_path / "spool")
-    s.open()
-    yield s
-    s.close()
+from tests.queue.conftest import DATA
 
 
 def _tamper(spool: Spool, qid: str) -> None:

@@ -70,6 +70,23 @@ class PostfixError(RuntimeError):
     """The private instance could not be configured, started or stopped; the message says why."""
 
 
+def wait_for_banner(host: str, port: int, seconds: float) -> None:
+    """Poll until ``host:port`` greets with 220; raise TimeoutError with the last error."""
+    deadline = time.monotonic() + seconds
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=2) as s:
+                s.settimeout(5)
+                if s.recv(512).startswith(b"220"):
+                    s.sendall(b"QUIT\r\n")
+                    return
+        except OSError as exc:
+            last = exc
+        time.sleep(0.05)
+    raise TimeoutError(f"no SMTP banner on {host}:{port}: {last}")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free on ``host`` a moment ago (Postfix cannot listen on port 0)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -268,18 +285,10 @@ class PrivatePostfix:
         log.info("private postfix up on %s:%d (root %s)", self.host, self.port, self.root)
 
     def _wait_for_banner(self, deadline: float) -> None:
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection((self.host, self.port), timeout=2) as s:
-                    s.settimeout(5)
-                    if s.recv(512).startswith(b"220"):
-                        s.sendall(b"QUIT\r\n")
-                        return
-            except OSError as exc:
-                last = exc
-            time.sleep(0.05)
-        raise PostfixError(f"no SMTP banner on {self.host}:{self.port}: {last}\n{self.log_tail()}")
+        try:
+            wait_for_banner(self.host, self.port, deadline - time.monotonic())
+        except TimeoutError as exc:
+            raise PostfixError(f"{exc}\n{self.log_tail()}") from None
 
     def stop(self) -> None:
         """Stop the instance and wait until its master has exited (kill it if it will not).
