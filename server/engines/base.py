@@ -4,7 +4,7 @@ Owns:
 * `Envelope` (what to send), `EngineContext` (relay-wide settings an engine needs),
   the `Engine` protocol and `build_engine()`;
 * `open_session()`: connect, EHLO, STARTTLS per policy, AUTH only over TLS;
-* `run_transaction()`/`transact()`: one MAIL/RCPT.../DATA transaction with per-recipient
+* `transact()`: one MAIL/RCPT.../DATA transaction with per-recipient
   outcomes, pipelined (RFC 2920) when the server offers it (the bytes themselves:
   server/engines/wire.py);
 * `ConnectionPool`: at most N open connections per engine, idle ones kept for reuse
@@ -268,23 +268,12 @@ class Attempt:
     stale: bool = False
 
 
-async def run_transaction(client: aiosmtplib.SMTP, envelope: Envelope, recipients: Sequence[str],
-                          *, engine: str, host: str, timeout: float,
-                          final_timeout: float) -> tuple[dict[str, Outcome], bool]:
-    """One MAIL, a RCPT per recipient, one DATA. Returns (outcome per recipient, reusable).
-
-    Refused recipients get their RCPT reply; accepted ones the DATA reply; when every
-    recipient is refused no message is sent. `reusable` says whether the connection is in a
-    clean state for another message. Never raises except for cancellation.
-    """
-    attempt = await transact(client, envelope, recipients, engine=engine, host=host,
-                             timeout=timeout, final_timeout=final_timeout)
-    return attempt.outcomes, attempt.reusable
-
-
 async def transact(client: aiosmtplib.SMTP, envelope: Envelope, recipients: Sequence[str],
                    *, engine: str, host: str, timeout: float, final_timeout: float) -> Attempt:
-    """`run_transaction()` that also says whether the connection was stale (see Attempt).
+    """One MAIL, a RCPT per recipient, one DATA; outcomes, reusable and stale in an Attempt.
+
+    Refused recipients get their RCPT reply; accepted ones the DATA reply; when every
+    recipient is refused no message is sent. Never raises except for cancellation.
 
     With a server that offers PIPELINING (RFC 2920) MAIL, every RCPT and DATA go out in
     one write and their replies are read together; otherwise one command per round trip.
