@@ -36,7 +36,7 @@ def describe(snapshot: "Snapshot", rules_path: str | os.PathLike[str]) -> dict[s
         "file": os.path.abspath(os.fspath(rules_path)),
         "engines": [spec.name for spec in table.engines],
         "rules": table.rule_count,
-        "expects": getattr(table, "expect_count", 0),
+        "expects": table.expect_count,
         "loaded_at": snapshot.loaded_at,
     }
 
@@ -73,9 +73,12 @@ def read_active(spool: str | os.PathLike[str]) -> dict[str, Any]:
 def relay_running(spool: str | os.PathLike[str], record: dict[str, Any]) -> Optional[bool]:
     """Whether a relay holds the spool now (its lock), falling back to whether the pid
     that wrote `record` is alive. None when it cannot be told."""
-    holder = _lock_holder(Path(spool))
-    if holder is not _UNKNOWN:
-        return holder is not None
+    from server.queue import lock_holder
+
+    try:
+        return lock_holder(Path(spool)) is not None
+    except OSError:
+        pass
     pid = record.get("pid")
     if not isinstance(pid, int) or pid <= 0:
         return None
@@ -86,21 +89,6 @@ def relay_running(spool: str | os.PathLike[str], record: dict[str, Any]) -> Opti
     except PermissionError:
         return True
     return True
-
-
-_UNKNOWN = object()
-
-
-def _lock_holder(spool: Path) -> object:
-    """The pid holding the spool lock (None: nobody), or _UNKNOWN without a spool module."""
-    try:
-        from server.queue import lock_holder
-    except ImportError:
-        return _UNKNOWN
-    try:
-        return lock_holder(spool)
-    except OSError:
-        return _UNKNOWN
 
 
 def render_text(record: dict[str, Any], running: Optional[bool], now: float) -> str:
