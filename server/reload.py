@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Awaitable, Callable, Coroutine, Optional
 
-from server.snapshot import (ReloadRefused, Snapshot, assemble, decode_rules, prepare,
-                             retired_engines)
+from server.snapshot import (Prepared, ReloadRefused, Snapshot, assemble, decode_rules,
+                             prepare, retired_engines)
 
 if TYPE_CHECKING:
     from server.engines.base import EngineContext
@@ -150,9 +150,15 @@ async def load_snapshot(path: str | os.PathLike[str], ctx: "EngineContext") -> S
     the diagnostics as `routedsl check` renders them).
     """
     data, _ = await asyncio.to_thread(read_stable, path, 0.0)
-    text = decode_rules(data, str(path))
-    prepared = await asyncio.to_thread(prepare, text, str(path))
-    return assemble(prepared, ctx)
+    return assemble(await _prepare(data, str(path)), ctx)
+
+
+async def _prepare(data: bytes, filename: str) -> Prepared:
+    """Decode and compile the file's bytes, resolve its secrets (off the loop).
+
+    Raises ReloadRefused."""
+    text = decode_rules(data, filename)
+    return await asyncio.to_thread(prepare, text, filename)
 
 
 def _watch_key(path: Path) -> tuple[frozenset[str], frozenset[str], tuple[int, ...]]:
@@ -322,10 +328,8 @@ class Reloader:
         if digest == self._seen_digest and not force:
             return self._result(self._refused is None, reason, "unchanged", started)
         self._seen_digest = digest
-        filename = str(self.path)
         try:
-            text = decode_rules(data, filename)
-            prepared = await asyncio.to_thread(prepare, text, filename)
+            prepared = await _prepare(data, str(self.path))
         except ReloadRefused as exc:
             return await self._refuse(reason, exc.text, started)
         if prepared.table.version == active and not force:
