@@ -20,7 +20,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 if TYPE_CHECKING:
     from routedsl import RouteTable
@@ -86,19 +86,13 @@ def prepare(text: str, filename: str) -> Prepared:
     return Prepared(table, secrets)
 
 
-def assemble(
-    prepared: Prepared,
-    ctx: "EngineContext",
-    previous: Optional[Snapshot] = None,
-    *,
-    build: Optional[Callable[..., "Engine"]] = None,
-) -> Snapshot:
+def assemble(prepared: Prepared, ctx: "EngineContext",
+             previous: Optional[Snapshot] = None) -> Snapshot:
     """Build the engine set for `prepared`, reusing unchanged engines of `previous`.
 
     Call it on the event loop thread (engines may create loop-bound objects).
     """
-    if build is None:
-        from server.engines.base import build_engine as build
+    from server.engines.base import build_engine
     engines: dict[str, Engine] = {}
     keys: dict[str, str] = {}
     reused = 0
@@ -112,7 +106,7 @@ def assemble(
             reused += 1
         else:
             try:
-                engines[spec.name] = build(spec, secret, ctx)
+                engines[spec.name] = build_engine(spec, secret, ctx)
             except (OSError, ValueError) as exc:   # e.g. an unreadable CA file
                 # Engines built so far have opened nothing yet: dropping them is enough.
                 raise ReloadRefused(f"{prepared.table.source}:{spec.line}: engine "
@@ -161,8 +155,7 @@ def retired_engines(old: Optional[Snapshot], new: Snapshot) -> list["Engine"]:
 
 def engine_key(spec: "EngineSpec", secret: Optional[str]) -> str:
     """A digest of everything that makes an engine what it is (not where it is declared)."""
-    spec_part = dataclasses.replace(spec, line=0) if dataclasses.is_dataclass(spec) else spec
-    digest = hashlib.sha256(repr(spec_part).encode("utf-8"))
+    digest = hashlib.sha256(repr(dataclasses.replace(spec, line=0)).encode("utf-8"))
     digest.update(b"\0secret\0")
     digest.update(b"-" if secret is None else b"+" + secret.encode("utf-8", "surrogatepass"))
     return digest.hexdigest()
