@@ -11,11 +11,12 @@ Bad values raise `ConfigError` with a message meant for the person who typed the
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from server.access import DEFAULT_NETWORKS
+from server.limits import Limits
 
 
 class ConfigError(ValueError):
@@ -53,8 +54,8 @@ class ServeConfig:
     ca_file: Optional[Path] = None
     # How long a graceful stop waits for deliveries in flight before closing engines.
     shutdown_timeout: float = 30.0
-    # server.limits.Limits when that module is available; None means its defaults.
-    limits: Any = field(default=None)
+    # the SMTP server's bounds; None means Limits() with its defaults
+    limits: Optional[Limits] = None
 
 
 def parse_address(text: str, flag: str, default_port: int | None = None) -> Address:
@@ -92,7 +93,7 @@ def parse_nameserver(text: str) -> str:
         raise ConfigError(f"--nameserver: '{addr.host}' is not an IP address") from None
     if addr.port == 53 and not text.rstrip().endswith(":53"):
         return addr.host
-    return f"[{addr.host}]:{addr.port}" if ":" in addr.host else f"{addr.host}:{addr.port}"
+    return str(addr)
 
 
 def parse_size_flag(text: str, flag: str) -> int:
