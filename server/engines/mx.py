@@ -24,6 +24,7 @@ import dns.rdatatype
 import dns.resolver
 
 from server import outcome as oc
+from server.config import parse_address
 from server.engines.base import EngineContext
 from server.outcome import Outcome, Stage
 
@@ -49,14 +50,9 @@ class MxResult:
 
 
 def _nameserver(spec: str) -> dns.nameserver.Do53Nameserver:
-    host, port = spec, 53
-    if spec.count(":") == 1:  # "IP:PORT"; a bare IPv6 address has several colons
-        host, _, p = spec.partition(":")
-        port = int(p)
-    elif spec.startswith("[") and "]:" in spec:
-        host, _, p = spec[1:].partition("]:")
-        port = int(p)
-    return dns.nameserver.Do53Nameserver(host, port)
+    """A server of EngineContext.nameservers ("IP", "IP:PORT", "[V6]:PORT")."""
+    address = parse_address(spec, "nameserver", default_port=53)
+    return dns.nameserver.Do53Nameserver(address.host, address.port)
 
 
 def resolver_for(ctx: EngineContext) -> dns.asyncresolver.Resolver:
