@@ -11,7 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
+
+if TYPE_CHECKING:
+    from routedsl.diagnostics import Diagnostic
+    from routedsl.table import RouteTable
 
 OK, FAILED, USAGE = 0, 1, 2
 RELAY_COMMANDS = ("serve", "queue", "status", "users")
@@ -100,27 +104,37 @@ def _read(path: str) -> tuple[Optional[bytes], str]:
         return None, path
 
 
-def check(path: str, *, strict: bool = False, fmt: str = "human") -> int:
+def _analysed(path: str, *, strict: bool = False
+              ) -> Optional[tuple[str, str, Optional["RouteTable"], list["Diagnostic"]]]:
+    """The file read, decoded and checked: (name, text as shown, table or None, diagnostics);
+    None when it cannot be read (the reason is printed)."""
     from routedsl.api import analyse, decode
-    from routedsl.diagnostics import render_human, render_json
 
     data, name = _read(path)
     if data is None:
-        return USAGE
+        return None
     text, diags = decode(data, name)
-    table = None
-    if text is not None:
-        table, diags, _ = analyse(text, name, strict=strict)
-    shown_text = text if text is not None else data.decode("utf-8", "replace")
-    failed = table is None
+    if text is None:
+        return name, data.decode("utf-8", "replace"), None, diags
+    table, diags, _ = analyse(text, name, strict=strict)
+    return name, text, table, diags
+
+
+def check(path: str, *, strict: bool = False, fmt: str = "human") -> int:
+    from routedsl.diagnostics import render_human, render_json
+
+    loaded = _analysed(path, strict=strict)
+    if loaded is None:
+        return USAGE
+    name, text, table, diags = loaded
     if fmt == "json":
         sys.stdout.write(render_json(diags))
     else:
-        sys.stdout.write(render_human(diags, shown_text))
+        sys.stdout.write(render_human(diags, text))
         if table is not None:
             print(f"{name}: OK ({_count(len(table.engines), 'engine')}, {_count(table.rule_count, 'rule')}, "
                   f"{_count(table.expect_count, 'expectation')})")
-    return FAILED if failed else OK
+    return FAILED if table is None else OK
 
 
 def _count(n: int, word: str) -> str:
@@ -128,19 +142,15 @@ def _count(n: int, word: str) -> str:
 
 
 def route(args: argparse.Namespace) -> int:
-    from routedsl.api import analyse, decode
     from routedsl.diagnostics import render_human
     from routedsl.values import domain_of
 
-    data, name = _read(args.file)
-    if data is None:
+    loaded = _analysed(args.file)
+    if loaded is None:
         return USAGE
-    text, diags = decode(data, name)
-    table = None
-    if text is not None:
-        table, diags, _ = analyse(text, name)
+    _, text, table, diags = loaded
     if table is None:
-        sys.stderr.write(render_human(diags, text if text is not None else data.decode("utf-8", "replace")))
+        sys.stderr.write(render_human(diags, text))
         return FAILED
     results = []
     for rcpt in args.to:
