@@ -57,10 +57,3 @@ class RelayAccess:
     def may_relay(self, peer_ip: str, authenticated_user: Optional[str]) -> bool:
         return bool(authenticated_user) or self.trusted(peer_ip)
 
-
-_DEFAULT = RelayAccess()
-
-
-def may_relay(peer_ip: str, authenticated_user: Optional[str], access: RelayAccess = _DEFAULT) -> bool:
-    """True when the client is in the relay networks (default loopback) or authenticated."""
-    return access.may_relay(peer_ip, authenticated_user)
