@@ -133,23 +133,15 @@ def from_args(args: argparse.Namespace) -> Limits:
     return limits
 
 
-def _error(message: str) -> ValueError:
-    # serve's flag parser reports ConfigError (a ValueError) as a usage error.
-    try:
-        from server.config import ConfigError
-    except ImportError:
-        return ValueError(message)
-    return ConfigError(message)
-
-
 def validate(limits: Limits) -> None:
-    """Refuse bounds that would make the server unusable, with the flag's name."""
+    """Refuse bounds that would make the server unusable: ValueError naming the flag
+    (serve's command line reports it as a usage error)."""
     positive = ("max_connections", "max_connections_per_ip", "max_recipients", "max_commands", "max_errors",
                 "max_line_length", "max_header_size", "hop_limit", "idle_timeout", "session_timeout",
                 "max_auth_failures", "max_auth_failures_per_ip", "max_data_memory",
                 "max_queue_messages")
     for name in positive:
         if getattr(limits, name) <= 0:
-            raise _error(f"--{name.replace('_', '-')} must be more than 0")
+            raise ValueError(f"--{name.replace('_', '-')} must be more than 0")
     if limits.max_line_length < 100:
-        raise _error("--max-line-length must be at least 100 (RFC 5321 allows 1000)")
+        raise ValueError("--max-line-length must be at least 100 (RFC 5321 allows 1000)")
