@@ -18,10 +18,9 @@ from bisect import bisect_left, bisect_right
 from typing import Callable, Optional
 
 from routedsl import ast as A
-from routedsl.lint import DOMAIN_FIELDS, plan_of
+from routedsl.lint import DOMAIN_FIELDS, norm, plan_of
 from routedsl.table import Decision, EngineSpec, Query, RouteTable, RuleRef
-from routedsl.values import (domain_of, domain_suffixes, normalize_address, normalize_domain, parse_size,
-                             suffix_wildcard, wildcard_regex)
+from routedsl.values import domain_of, domain_suffixes, parse_size, suffix_wildcard, wildcard_regex
 
 Pred = Callable[[Query], bool]
 
@@ -29,10 +28,6 @@ FIELD_INDEX = {"recipient": 0, "destination": 1, "from": 2, "from domain": 3, "s
 MX = 5
 # `recipient is *@example.com` implies destination example.com (and `from` likewise)
 _DOMAIN_OF_ADDRESS = {0: 1, 2: 3}
-
-
-def norm(field: str, text: str) -> str:
-    return normalize_domain(text) if field in DOMAIN_FIELDS else normalize_address(text)
 
 
 # ---------------------------------------------------------------- conditions -> closures
@@ -117,8 +112,8 @@ def index_keys(c: A.Condition) -> Optional[list[Key]]:
             t = norm(field, v.text)
             if "*" not in t:
                 keys.append(("exact", i, t))
-            elif field in DOMAIN_FIELDS and suffix_wildcard(t):
-                keys.append(("suffix", i, suffix_wildcard(t) or ""))
+            elif field in DOMAIN_FIELDS and (wild := suffix_wildcard(t)):
+                keys.append(("suffix", i, wild))
             elif i in _DOMAIN_OF_ADDRESS and t.startswith("*@") and "*" not in t[2:]:
                 keys.append(("exact", _DOMAIN_OF_ADDRESS[i], domain_of(t)))
             else:

@@ -23,10 +23,14 @@ from routedsl.values import (domain_suffixes, normalize_address, normalize_domai
                              parse_engine_url, parse_int, parse_secret_ref, parse_size, suffix_wildcard)
 
 DOMAIN_FIELDS = frozenset({"destination", "from domain", "mx"})
-ADDRESS_FIELDS = frozenset({"recipient", "from"})
 LATER_FIELDS = {"client": "the submitting client's address", "user": "the SMTP AUTH login",
                 "header": "a header's value"}
 OPTIONS = ("user", "password", "tls", "verify", "port", "helo", "timeout", "connections", "max size")
+
+
+def norm(field: str, text: str) -> str:
+    """A value as a field compares it: domains and addresses in their normal form."""
+    return normalize_domain(text) if field in DOMAIN_FIELDS else normalize_address(text)
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> Optional[str]:
@@ -377,10 +381,6 @@ class _Cover:
     same: Optional[dict[A.Condition, int]] = None   # an atom or whole condition (structural equality) -> line
 
 
-def _norm(field: str, text: str) -> str:
-    return normalize_domain(text) if field in DOMAIN_FIELDS else normalize_address(text)
-
-
 def _covering(cover: _Cover, cond: A.Condition) -> Optional[list[int]]:
     """The lines of earlier rules that together take every message `cond` takes, or None."""
     assert cover.same is not None
@@ -412,7 +412,7 @@ def _covering(cover: _Cover, cond: A.Condition) -> Optional[list[int]]:
         f = cond.field.name
         out = []
         for v in cond.values:
-            text = _norm(f, v.text)
+            text = norm(f, v.text)
             line = cover.exact.get((f, text))
             if line is None and f in DOMAIN_FIELDS:
                 wild = suffix_wildcard(text)
@@ -443,7 +443,7 @@ def _register(cover: _Cover, cond: A.Condition, line: int) -> None:
     elif isinstance(cond, A.Is) and not cond.negated and cond.field.name:
         f = cond.field.name
         for v in cond.values:
-            text = _norm(f, v.text)
+            text = norm(f, v.text)
             cover.exact.setdefault((f, text), line)
             wild = suffix_wildcard(text) if f in DOMAIN_FIELDS else None
             if wild:
