@@ -34,6 +34,9 @@ from server.text import MAX_TEXT, clean_text  # MAX_TEXT: the bound of every Out
 log = logging.getLogger("routedsl.outcome")
 
 
+# The connection went away: what aiosmtplib and the socket layer raise for it.
+DISCONNECTED = (aiosmtplib.SMTPServerDisconnected, ConnectionError, EOFError)
+
 # RFC 3463: class.subject.detail, the class must agree with the reply code's first digit.
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 
@@ -202,7 +205,7 @@ def _classify(exc: BaseException, *, engine: str, host: Optional[str], stage: St
         return temp("4.4.1", f"cannot connect to {host or engine}: {_describe(exc)}")
     if isinstance(exc, (aiosmtplib.SMTPTimeoutError, TimeoutError)):
         return temp("4.4.2", f"{host or engine} did not answer in time ({stage.value})")
-    if isinstance(exc, (aiosmtplib.SMTPServerDisconnected, ConnectionError, EOFError)):
+    if isinstance(exc, DISCONNECTED):
         return temp("4.4.2", f"connection to {host or engine} lost ({stage.value})")
 
     dns_problem = _dns_outcome(exc, temp, perm)

@@ -310,9 +310,6 @@ async def transact(client: aiosmtplib.SMTP, envelope: Envelope, recipients: Sequ
     return attempt
 
 
-_DISCONNECTED = (aiosmtplib.SMTPServerDisconnected, ConnectionError, EOFError)
-
-
 class _Step:
     """The state of one transaction: outcomes so far, accepted and overflowing recipients."""
 
@@ -346,7 +343,7 @@ class _Step:
 
     def nothing_taken(self, exc: BaseException) -> bool:
         """The connection died before the server accepted any recipient: nothing was sent."""
-        return not self.accepted and isinstance(exc, _DISCONNECTED)
+        return not self.accepted and isinstance(exc, oc.DISCONNECTED)
 
     def sender_refused(self, exc: BaseException) -> dict[str, Outcome]:
         refused = self.classify(exc, Stage.MAIL)
@@ -398,7 +395,7 @@ class _Step:
             return Attempt(outcomes, await _reset(client, timeout))
         except Exception as exc:
             return self.broken(exc, Stage.MAIL, self.recipients,
-                               stale=isinstance(exc, _DISCONNECTED))
+                               stale=isinstance(exc, oc.DISCONNECTED))
 
         for rcpt in self.recipients:
             try:
@@ -482,7 +479,7 @@ class _Step:
             return self.broken(exc, Stage.MAIL, self.recipients), False
         except Exception as exc:
             return self.broken(exc, Stage.MAIL, self.recipients,
-                               stale=isinstance(exc, _DISCONNECTED)), False
+                               stale=isinstance(exc, oc.DISCONNECTED)), False
         if reply.code != 250:
             outcomes = self.sender_refused(
                 aiosmtplib.SMTPSenderRefused(reply.code, reply.message, self.envelope.sender))
