@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Union
 
@@ -75,14 +76,12 @@ def _analyse(text: str, filename: str,
     if len(diags) > MAX_DIAGNOSTICS:
         rest = diags[MAX_DIAGNOSTICS]
         more = len(diags) - MAX_DIAGNOSTICS
-        diags = diags[:MAX_DIAGNOSTICS] + [Diagnostic(
-            rest.file, rest.line, rest.column, rest.end_line, rest.end_column,
-            "error" if any(d.is_error for d in diags) else "warning", "too-many-problems",
-            f"{more} more problem{'s' if more != 1 else ''} not shown", "fix the ones above and check again")]
+        diags = diags[:MAX_DIAGNOSTICS] + [replace(
+            rest, severity="error" if any(d.is_error for d in diags) else "warning",
+            code="too-many-problems", message=f"{more} more problem{'s' if more != 1 else ''} not shown",
+            hint="fix the ones above and check again")]
     if strict:
-        diags = [d if d.is_error else Diagnostic(*(getattr(d, f) for f in
-                 ("file", "line", "column", "end_line", "end_column")), "error", d.code, d.message, d.hint)
-                 for d in diags]
+        diags = [d if d.is_error else replace(d, severity="error") for d in diags]
     if any(d.is_error for d in diags):
         return None, diags, rf
     return table, diags, rf
