@@ -630,19 +630,32 @@ class RelaySMTP(SMTP):
         self._reset_timeout(idle)
         next_reset = start + 0.25
         in_line = False   # between an overlong line's chunks
+        reader = self._reader
+        # Lines already in the reader's buffer are taken from it directly: exactly the line
+        # readuntil() would return at once (a CRLF found within the reader's limit), without
+        # a coroutine per line. Anything else (no complete line yet, an overlong line, the
+        # end of the stream) goes through readuntil() as before.
+        buffer: bytearray = reader._buffer   # type: ignore[attr-defined]
+        line_limit: int = reader._limit   # type: ignore[attr-defined]
         while True:
-            try:
-                line = await self._reader.readuntil(b"\r\n")
-            except asyncio.LimitOverrunError as exc:
-                too_long = True
-                lines.clear()
-                self._release_data()
-                chunk = await self._reader.read(exc.consumed)
-                size += len(chunk)
-                in_line = True
-                continue
-            except asyncio.IncompleteReadError:
-                raise ConnectionResetError("connection closed during DATA") from None
+            end = buffer.find(b"\r\n")
+            if end != -1 and end <= line_limit:
+                line = bytes(buffer[:end + 2])
+                del buffer[:end + 2]   # a bytearray drops its head without copying the rest
+            else:
+                reader._maybe_resume_transport()   # type: ignore[attr-defined]
+                try:
+                    line = await reader.readuntil(b"\r\n")
+                except asyncio.LimitOverrunError as exc:
+                    too_long = True
+                    lines.clear()
+                    self._release_data()
+                    chunk = await reader.read(exc.consumed)
+                    size += len(chunk)
+                    in_line = True
+                    continue
+                except asyncio.IncompleteReadError:
+                    raise ConnectionResetError("connection closed during DATA") from None
             size += len(line)
             now = self.loop.time()
             if now >= next_reset:   # re-arming a timer per line would cost more than the line
@@ -667,6 +680,7 @@ class RelaySMTP(SMTP):
                 continue
             self._held += len(line)
             lines.append(line[1:] if line.startswith(b".") else line)
+        reader._maybe_resume_transport()   # type: ignore[attr-defined]
         self._reset_timeout()
         if busy:
             log.warning("%s: message data in memory at its limit (%d bytes); answered 451",
@@ -748,10 +762,35 @@ def _scan_once(cls: type) -> bool:
     return issubclass(cls, RelaySMTP) or cls.__module__ == "server.intake"
 
 
+class _HookNamesOnce:
+    """Stands in for the builtin `dir` inside aiosmtpd.smtp, whose SMTP.__init__ calls
+    `dir(handler)` and `dir(self)` for every connection only to keep the names starting
+    with `handle_` and `smtp_` (filtering ~250 names per connection). For the relay's own
+    classes those names are class attributes only, so they are found once per class; any
+    other object gets the real `dir`."""
+
+    _PREFIXES = ("handle_", "smtp_")
+
+    def __init__(self) -> None:
+        self._names: dict[type, list[str]] = {}
+
+    def __call__(self, *args: Any) -> list[str]:
+        if len(args) != 1 or not _scan_once(type(args[0])):
+            return dir(*args)
+        cls = type(args[0])
+        names = self._names.get(cls)
+        if names is None:
+            names = [n for n in dir(args[0]) if n.startswith(self._PREFIXES)]
+            self._names[cls] = names
+        return list(names)
+
+
 def _install_member_cache() -> None:
     import aiosmtpd.smtp as aiosmtpd_smtp
     if not isinstance(aiosmtpd_smtp.inspect, _AuthMembersOnce):
         aiosmtpd_smtp.inspect = _AuthMembersOnce(aiosmtpd_smtp.inspect)  # type: ignore[assignment]
+    if not isinstance(getattr(aiosmtpd_smtp, "dir", None), _HookNamesOnce):
+        aiosmtpd_smtp.dir = _HookNamesOnce()  # type: ignore[attr-defined]
 
 
 _install_member_cache()
