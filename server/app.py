@@ -39,10 +39,36 @@ class StartError(Exception):
     """The relay cannot start; the message is for the operator (no traceback)."""
 
 
+class _LineFormatter(logging.Formatter):
+    """The standard `%(asctime)s` text, with the date and time part built once a second:
+    time.localtime() re-reads the time zone file on every call when TZ is unset, and two
+    lines are logged per message (the accepted and the attempt lines)."""
+
+    def __init__(self, fmt: str) -> None:
+        super().__init__(fmt)
+        self._second: tuple[int, str] = (-1, "")   # one tuple: replaced, never half-updated
+
+    def formatTime(self, record: logging.LogRecord, datefmt: Optional[str] = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        cached = self._second
+        if cached[0] != second:
+            cached = (second, time.strftime(self.default_time_format, self.converter(record.created)))
+            self._second = cached
+        return self.default_msec_format % (cached[1], record.msecs)
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """One line per event on stderr: time, level, logger, message."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(_LineFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    # The line shows none of these, so the records need not collect them (the logging
+    # HOWTO's optimisations): the caller's file and line, the thread, the process.
+    logging._srcfile = None   # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
