@@ -1,9 +1,9 @@
 """The library's entry points: text -> diagnostics, text -> RouteTable, file -> RouteTable.
 
 Owns the order of the stages (parse, resolve engines, check names and values, compile,
-shadowing and no-effect warnings, expectations) and RulesError. A file with any error
-never becomes a table. Never raises on bad text; reading a file is the caller's
-business except in load().
+shadowing and no-effect warnings, expectations), the one decoding of a file's bytes,
+and RulesError. A file with any error never becomes a table. check_text never raises on
+bad text; reading a file is the caller's business except in load().
 """
 from __future__ import annotations
 
@@ -100,27 +100,24 @@ def compile_text(text: str, filename: str = "routes.rules") -> RouteTable:
     return table
 
 
-def decode(data: bytes, filename: str) -> tuple[Optional[str], list[Diagnostic]]:
-    """The file's bytes as text (UTF-8, BOM allowed), or a bad-encoding diagnostic."""
+def decode(data: bytes, filename: str) -> str:
+    """The file's bytes as text (UTF-8, BOM allowed); RulesError with a bad-encoding
+    diagnostic (and the text with bad bytes replaced, to show it) when they are not UTF-8."""
     try:
-        return data.decode("utf-8"), []
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         before = data[: exc.start]
         line = before.count(b"\n") + 1
         col = len(before[before.rfind(b"\n") + 1:].decode("utf-8", "replace")) + 1
-        return None, [make(filename, A.Span(line, col, line, col + 1), "error", "bad-encoding",
-                           f"the file is not UTF-8 text (byte 0x{data[exc.start]:02x} at line {line})",
-                           "save the file as UTF-8")]
+        diag = make(filename, A.Span(line, col, line, col + 1), "error", "bad-encoding",
+                    f"the file is not UTF-8 text (byte 0x{data[exc.start]:02x} at line {line})",
+                    "save the file as UTF-8")
+        raise RulesError([diag], data.decode("utf-8", "replace")) from None
 
 
 def load(path: Union[str, "os.PathLike[str]"]) -> RouteTable:
     """Read and compile a rules file. Raises RulesError when invalid, OSError when unreadable."""
-    p = Path(path)
-    data = p.read_bytes()
-    text, diags = decode(data, str(path))
-    if text is None:
-        raise RulesError(diags, data.decode("utf-8", "replace"))
-    return compile_text(text, str(path))
+    return compile_text(decode(Path(path).read_bytes(), str(path)), str(path))
 
 
 __all__ = ["RulesError", "analyse", "check_text", "compile_text", "decode", "load", "EngineSpec"]

@@ -108,14 +108,15 @@ def _analysed(path: str, *, strict: bool = False
               ) -> Optional[tuple[str, str, Optional["RouteTable"], list["Diagnostic"]]]:
     """The file read, decoded and checked: (name, text as shown, table or None, diagnostics);
     None when it cannot be read (the reason is printed)."""
-    from routedsl.api import analyse, decode
+    from routedsl.api import RulesError, analyse, decode
 
     data, name = _read(path)
     if data is None:
         return None
-    text, diags = decode(data, name)
-    if text is None:
-        return name, data.decode("utf-8", "replace"), None, diags
+    try:
+        text = decode(data, name)
+    except RulesError as exc:
+        return name, exc.text, None, exc.diagnostics
     table, diags, _ = analyse(text, name, strict=strict)
     return name, text, table, diags
 

@@ -124,11 +124,10 @@ def decode_rules(data: bytes, filename: str) -> str:
     import routedsl
     from routedsl.api import decode
 
-    text, diags = decode(data, filename)
-    if text is None:
-        raise ReloadRefused(routedsl.render_human(diags, data.decode("utf-8", "replace")),
-                            tuple(diags))
-    return text
+    try:
+        return decode(data, filename)
+    except routedsl.RulesError as exc:
+        raise ReloadRefused(exc.render(), tuple(exc.diagnostics)) from None
 
 
 def build_snapshot(
