@@ -88,19 +88,28 @@ def check_login(login: str) -> Optional[str]:
 
 def read_users(path: str | Path) -> dict[str, str]:
     """login -> hash string. Raises UsersError for an unreadable file or a malformed line."""
+    return _read(path)[0]
+
+
+def _read(path: str | Path) -> tuple[dict[str, str], list[str]]:
+    """The users of the file and its comment lines (kept when the file is rewritten)."""
     users: dict[str, str] = {}
+    comments: list[str] = []
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UsersError(f"cannot read users file {path}: {exc}") from None
     for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
+        if line.lstrip().startswith("#"):
+            comments.append(line)
+            continue
+        if not line.strip():
             continue
         login, sep, stored = line.partition(":")
         if not sep or check_login(login) or not stored.startswith("$"):
             raise UsersError(f"{path}:{number}: expected 'login:hash'")
         users[login] = stored
-    return users
+    return users, comments
 
 
 class UserStore:
@@ -141,12 +150,6 @@ def write_users(path: str | Path, users: dict[str, str], header: Sequence[str] =
     replace_file(path, "".join(line + "\n" for line in lines).encode("utf-8"), mode=0o600)
 
 
-def _comments(path: Path) -> list[str]:
-    if not path.exists():
-        return []
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.lstrip().startswith("#")]
-
-
 def _read_password(stdin=None) -> Optional[str]:
     stdin = stdin or sys.stdin
     if stdin.isatty():
@@ -174,7 +177,7 @@ def main(argv: Sequence[str]) -> int:
         return 2
     path = Path(rest[0])
     try:
-        users = read_users(path) if path.exists() else {}
+        users, comments = _read(path) if path.exists() else ({}, [])
     except UsersError as exc:
         print(f"routedsl users: {exc}", file=sys.stderr)
         return 1
@@ -201,7 +204,7 @@ def main(argv: Sequence[str]) -> int:
         existed = login in users
         users[login] = hash_password(password)
     try:
-        write_users(path, users, _comments(path))
+        write_users(path, users, comments)
     except OSError as exc:
         print(f"routedsl users: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
         return 1
