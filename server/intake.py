@@ -18,11 +18,11 @@ It never speaks SMTP to the next hop and never decides routes: the scheduler doe
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 from typing import Any, Callable, Optional, Protocol
 
 from server import hygiene
+from server.queue import DISK_FULL_ERRNOS
 
 log = logging.getLogger("routedsl.intake")
 
@@ -31,7 +31,6 @@ WRITE_ERROR = "451 4.3.0 Error: queue file write error, try again later"
 DISK_FULL = "452 4.3.1 Insufficient system storage, try again later"
 INTERNAL_ERROR = "451 4.3.0 Internal error, try again later"
 
-_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 class Spool(Protocol):
@@ -111,12 +110,12 @@ class Intake:
         try:
             msg = await self.spool.accept(sender, recipients, header + data, smtputf8=smtputf8)
         except OSError as exc:
-            if exc.errno in _FULL_ERRNOS:
+            if exc.errno in DISK_FULL_ERRNOS:
                 log.error("spool full, answered 452: %s", exc)
                 return DISK_FULL
             log.error("spool write failed, answered 451: %s", exc)
             return WRITE_ERROR
-        qid = getattr(msg, "id", None) or getattr(msg, "qid", None) or str(msg)
+        qid = msg.id
         log.info("%s: accepted from %s sender=<%s> nrcpt=%d size=%d",
                  qid, peer_ip, sender, len(recipients), len(data) + len(header))
         try:

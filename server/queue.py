@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import fcntl
 import functools
 import hashlib
@@ -59,6 +60,8 @@ STATUSES: tuple[str, ...] = ("pending", "delivered", "failed")
 _ID_RE = re.compile(r"^[0-9A-F]{20}$")
 _REQ_RE = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 _MAX_HEADER_LINE = 4 * 1024 * 1024  # an envelope line longer than this is corrupt
+# A write failing with one of these means the disk (or quota) is full: 452 4.3.1, not 451.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
 FRESH_LIMIT = 32 * 1024 * 1024      # bytes of just-accepted messages kept for their first attempt
 
 

@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
+from routedsl.values import domain_of
 from server import outcome as policy
 from server.backoff import next_delay
 from server.bounce import (RecipientReport, build_notice, enhanced_status, may_notify,
@@ -271,10 +272,11 @@ class Scheduler:
         table = snap.table
         mx_cache: dict[str, tuple[str, ...]] = {}
         groups: dict[tuple[str, ...], tuple[list[str], list[str]]] = {}
+        look_up_mx = table.needs_mx and self.config.mx_context is not None
         for rcpt in pending:
             mx: tuple[str, ...] = ()
-            if getattr(table, "needs_mx", False) and self.config.mx_context is not None:
-                domain = rcpt.rpartition("@")[2].lower()
+            if look_up_mx:
+                domain = domain_of(rcpt)   # the same form the table compares
                 if domain not in mx_cache:
                     from server.engines.mx import mx_names
                     mx_cache[domain] = await mx_names(domain, self.config.mx_context)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import errno
 import logging
 import shutil
 import ssl
@@ -43,13 +42,13 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, TLSSetupException, syntax
 from server import hygiene
 from server.access import RelayAccess
 from server.limits import Limits
+from server.queue import DISK_FULL_ERRNOS
 from server.text import clean_text
 
 log = logging.getLogger("routedsl.smtp")
 
 JUNK_COMMANDS = frozenset({"NOOP", "RSET", "VRFY", "HELP", "EXPN"})
 INTERNAL_ERROR = "451 4.3.0 Internal error, try again later"
-_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 class ListenerError(Exception):
@@ -608,7 +607,7 @@ class RelaySMTP(SMTP):
             status = await self._call_handler_hook("DATA")
         except OSError as exc:
             log.error("%s: spool error; answered 4xx: %s", self.peer_ip, exc)
-            status = ("452 4.3.1 Insufficient system storage" if exc.errno in _FULL_ERRNOS
+            status = ("452 4.3.1 Insufficient system storage" if exc.errno in DISK_FULL_ERRNOS
                       else "451 4.3.0 Error: queue file write error")
         except Exception:
             log.exception("%s: internal error while handing over a message; answered 451", self.peer_ip)
