@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import AsyncIterator, Callable, Mapping
 
 from routedsl.table import Decision, EngineSpec, RuleRef
+from tests.support.poll import until  # noqa: F401 (used by the queue tests)
 from server.engines.base import EngineContext, build_engine
 from server.queue import Spool
 from server.scheduler import DeliveryConfig, Scheduler
@@ -39,18 +40,6 @@ def smarthost(name: str, port: int, ctx: EngineContext, **options):
 
 MESSAGE = (b"From: alice@home.test\r\nTo: bob@ok.test\r\nSubject: test\r\n"
            b"Message-ID: <m1@home.test>\r\n\r\nhello\r\n")
-
-
-async def until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition"):
-    """Poll `predicate` until it is true; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager

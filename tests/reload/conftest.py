@@ -9,6 +9,8 @@ from typing import Callable
 
 import pytest
 
+from tests.support import poll
+
 from server.engines.base import EngineContext
 
 
@@ -34,12 +36,6 @@ def save_atomic(path: Path, text: str) -> None:
     os.replace(temp, path)
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 3.0,
-                what: str = "condition") -> float:
-    """Poll `predicate` until true; return the seconds it took, fail after `timeout`."""
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)
-    return time.monotonic() - started
+def until(predicate: Callable[[], object], timeout: float = 3.0, what: str = "condition"):
+    """Reload tests wait at most 3 s by default: the relay promises to follow a save in 1 s."""
+    return poll.until(predicate, timeout, what)

@@ -10,6 +10,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
+from tests.support.poll import until  # noqa: F401 (the security tests import it from here)
+
 from server.limits import Limits
 from server.smtp import ListenerState, listener_state, start_listeners
 
@@ -150,11 +152,3 @@ async def start_relay(handler: Any = None, *, limits: Limits | None = None, user
     return Relay(servers, handler, state)
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll `predicate` until true or fail after `timeout` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
