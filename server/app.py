@@ -85,8 +85,11 @@ def engine_context(config: ServeConfig):
 class Relay:
     """The running relay: holds its parts and the current Snapshot."""
 
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(self, config: ServeConfig, intake_processes: Any = None) -> None:
         self.config = config
+        # with --smtp-processes: the forked intake processes (server/intake_processes.py),
+        # which then stand where the in-process Intake handler would
+        self.intake_processes = intake_processes
         self.snapshot: Any = None
         self.spool: Any = None
         self.scheduler: Any = None
@@ -95,7 +98,7 @@ class Relay:
         self.addresses: list[Address] = []
         self._tasks: list[asyncio.Task] = []
         self._reloader_task: Optional[asyncio.Task] = None
-        self.handler: Any = None
+        self.handler: Any = intake_processes
         self.metrics: Optional[asyncio.AbstractServer] = None
         self.metrics_address: Optional[Address] = None
         self._attempts: Optional[logging.Handler] = None
@@ -126,7 +129,12 @@ class Relay:
                            delay_warning=cfg.delay_warning, mx_context=self.ctx))
         self._tasks.append(asyncio.create_task(self.scheduler.run(), name="scheduler"))
 
-        await self._start_listeners()
+        if self.intake_processes is not None:
+            await self.intake_processes.start(self.spool, self.scheduler.wake)
+            self.addresses = list(self.intake_processes.addresses)
+            self._tasks.append(asyncio.create_task(self.intake_processes.watch(), name="SMTP intake"))
+        else:
+            await self._start_listeners()
 
         self.reloader = self._make_reloader()
         self._reloader_task = asyncio.create_task(self.reloader.run(), name="reloader")
@@ -365,8 +373,8 @@ async def _quietly(result) -> None:
         log.warning("error while stopping", exc_info=True)
 
 
-async def serve(config: ServeConfig) -> int:
-    relay = Relay(config)
+async def serve(config: ServeConfig, intake_processes: Any = None) -> int:
+    relay = Relay(config, intake_processes)
     try:
         await relay.start()
     except StartError as exc:
@@ -382,12 +390,31 @@ async def serve(config: ServeConfig) -> int:
 
 
 def run(config: ServeConfig) -> int:
-    """Run the relay until SIGTERM/SIGINT; uvloop when it is installed."""
+    """Run the relay until SIGTERM/SIGINT. With --smtp-processes, the intake processes are
+    forked first, before any event loop or thread exists."""
     setup_logging()
+    intake_processes = None
+    if config.smtp_processes > 0:
+        from server.intake_processes import fork_intake
+        from server.smtp import ListenerError
+        try:
+            intake_processes = fork_intake(config)
+        except ListenerError as exc:
+            print(f"routedsl serve: {exc}", file=sys.stderr)
+            return EXIT_START_FAILED
+        except OSError as exc:
+            where = f"{config.listen}{' or ' + str(config.listen_tls) if config.listen_tls else ''}"
+            print(f"routedsl serve: cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_START_FAILED
+    return run_loop(serve(config, intake_processes))
+
+
+def run_loop(main: Any) -> int:
+    """Run one coroutine on a new event loop: uvloop when it is installed."""
     try:
         import uvloop
         factory = uvloop.new_event_loop
     except ImportError:
         factory = None
     with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(serve(config))
+        return runner.run(main)

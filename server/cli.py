@@ -64,6 +64,9 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9325)")
     p.add_argument("--ca-file", default=None, metavar="PEM",
                    help="extra CA certificates trusted for smarthosts")
+    p.add_argument("--smtp-processes", default="0", metavar="N",
+                   help="run the SMTP conversations in N processes of their own, to use more "
+                        "than one core (default 0: in the relay's process; limits are shared out)")
     limits.add_arguments(p)
     return p
 
@@ -99,6 +102,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     max_size = parse_size_flag(args.max_size, "--max-size")
     if max_size <= 0:
         raise ConfigError("--max-size must be more than 0")
+    if not args.smtp_processes.isdigit() or not 0 <= int(args.smtp_processes) <= 64:
+        raise ConfigError(f"--smtp-processes: '{args.smtp_processes}' is not a number from 0 to 64")
     return ServeConfig(
         rules=Path(args.rules),
         listen=listen,
@@ -119,6 +124,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         metrics=parse_address(args.metrics, "--metrics") if args.metrics else None,
         shutdown_timeout=parse_duration_flag(args.shutdown_timeout, "--shutdown-timeout"),
         limits=_limits_from(args),
+        smtp_processes=int(args.smtp_processes),
     )
 
 

@@ -56,6 +56,8 @@ class ServeConfig:
     shutdown_timeout: float = 30.0
     # the SMTP server's bounds; None means Limits() with its defaults
     limits: Optional[Limits] = None
+    # SMTP intake in this many processes of their own (0: in the relay's own process)
+    smtp_processes: int = 0
 
 
 def parse_address(text: str, flag: str, default_port: int | None = None) -> Address:

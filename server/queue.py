@@ -48,7 +48,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal, Optional
+from typing import Callable, Iterable, Literal, Optional
 
 log = logging.getLogger("routedsl.queue")
 
@@ -372,6 +372,9 @@ class Spool:
         self._fresh: dict[str, bytes] = {}
         self._fresh_bytes = 0
         self.fresh_limit = FRESH_LIMIT
+        # what `accept` does with a message once it is durable: the relay's own spool adopts
+        # it; an SMTP intake process's spool hands it to the relay's process instead
+        self._hand_over: Callable[[QueuedMessage, bytes], None] = self.adopt
 
     # -- lifecycle
 
@@ -401,6 +404,15 @@ class Spool:
         self._state_sync = _GroupSync(self.state_dir, self._executor)
         self._recover()
         return self.messages()
+
+    def open_for_intake(self, hand_over: Callable[[QueuedMessage, bytes], None]) -> None:
+        """Commit-only use by an SMTP intake process of the relay that holds the lock
+        (server/intake_processes.py): no lock, no recovery, no index; `accept` commits the
+        message durably, then calls `hand_over(msg, data)`, which tells the relay's process.
+        """
+        self._executor = ThreadPoolExecutor(self._io_threads, thread_name_prefix="spool-io")
+        self._msg_sync = _GroupSync(self.msg_dir, self._executor)
+        self._hand_over = hand_over
 
     def close(self) -> None:
         if self._executor is not None:
@@ -593,11 +605,16 @@ class Spool:
         except OSError:
             await self._run(self._rollback, msg.id)
             raise
+        self._hand_over(msg, data)
+        return msg
+
+    def adopt(self, msg: QueuedMessage, data: Optional[bytes] = None) -> None:
+        """Index a message committed by `accept` (here or in an intake process), keeping
+        its bytes, when given and within the bound, for the first delivery attempt."""
         self._register(msg)
-        if self._fresh_bytes + msg.size <= self.fresh_limit:
+        if data is not None and self._fresh_bytes + msg.size <= self.fresh_limit:
             self._fresh[msg.id] = data
             self._fresh_bytes += msg.size
-        return msg
 
     def _rollback(self, qid: str) -> None:
         _unlink_quietly(self.msg_dir / qid)

@@ -31,6 +31,7 @@ import asyncio
 import collections
 import logging
 import shutil
+import socket
 import ssl
 import time
 from dataclasses import dataclass
@@ -817,6 +818,14 @@ def make_tls_context(cert: str | Path, key: str | Path) -> ssl.SSLContext:
     return context
 
 
+def _bind(address: Any, sock: Optional[socket.socket]) -> dict[str, Any]:
+    """create_server's arguments: the given bound socket, or the address to bind."""
+    if sock is not None:
+        return {"sock": sock}
+    host, port = _host_port(address)
+    return {"host": host, "port": port}
+
+
 def _host_port(address: Any) -> tuple[str, int]:
     if hasattr(address, "host"):
         return str(address.host), int(address.port)
@@ -857,7 +866,9 @@ async def start_listeners(handler: Any, config: Any, *,
                           free_space: Optional[Callable[[], Optional[int]]] = None,
                           tls_context: Optional[ssl.SSLContext] = None,
                           state: Optional[ListenerState] = None,
-                          queue_usage: Optional[Callable[[], tuple[int, int]]] = None) -> list[asyncio.Server]:
+                          queue_usage: Optional[Callable[[], tuple[int, int]]] = None,
+                          sockets: Optional[tuple[socket.socket, Optional[socket.socket]]] = None,
+                          ) -> list[asyncio.Server]:
     """Start the SMTP listeners described by `config` (a ServeConfig or anything with its fields):
 
     `listen` (plain, offering STARTTLS when `tls_cert`/`tls_key` are set), `listen_tls`
@@ -868,6 +879,8 @@ async def start_listeners(handler: Any, config: Any, *,
     AUTH limiter, data budget); pass `state` (see `listener_state`) to share or inspect it.
     `queue_usage() -> (messages, bytes)` feeds the queue limits; by default it is read from
     `handler.spool` when that has `len()` and `total_bytes` (server.queue.Spool does).
+    `sockets` = (plain, implicit TLS or None): listen on these already bound sockets (an
+    SMTP intake process, server/intake_processes.py) instead of binding `listen`/`listen_tls`.
     Raises ListenerError for an unusable configuration, OSError when a port is taken.
     """
     from server.users import UserStore
@@ -904,13 +917,12 @@ async def start_listeners(handler: Any, config: Any, *,
 
     servers: list[asyncio.Server] = []
     try:
-        host, port = _host_port(config.listen)
-        servers.append(await loop.create_server(factory(False), host, port))
+        plain, implicit = sockets or (None, None)
+        servers.append(await loop.create_server(factory(False), **_bind(config.listen, plain)))
         if listen_tls is not None:
-            host, port = _host_port(listen_tls)
             servers.append(await loop.create_server(
-                factory(True), host, port, ssl=tls_context,
-                ssl_handshake_timeout=min(30.0, limits.idle_timeout)))
+                factory(True), ssl=tls_context, ssl_handshake_timeout=min(30.0, limits.idle_timeout),
+                **_bind(listen_tls, implicit)))
     except BaseException:
         for server in servers:
             server.close()

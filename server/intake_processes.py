@@ -1,0 +1,377 @@
+"""SMTP intake in processes of their own: `routedsl serve --smtp-processes N`.
+
+One event loop tops out at about one core, and the SMTP conversations are most of the
+relay's CPU. With N > 0 they run in N forked processes; the relay's own process keeps
+everything else (the spool's lock and index, scheduler, engines, reload, metrics).
+This module owns:
+
+  * start-up, `fork_intake` (called before any event loop or thread exists): each listen
+    address is bound once per process with SO_REUSEPORT, so the kernel spreads new
+    connections over the processes; then fork. A child waits for the word `go`, which
+    the relay sends only once its spool is locked and recovered and its scheduler runs.
+  * the child (`_Child`): the same hardened listener and `Intake` as in-process intake,
+    over a commit-only spool (`Spool.open_for_intake`) that hands each message, once it
+    is durable and before its `250`, to the relay's process: one record on a socket pair.
+  * the relay's side (`IntakeProcesses`): each record becomes `spool.adopt` +
+    `scheduler.wake`; the queue's size goes to the children once a second (for the queue
+    limits); `drain()` at a stop: the children stop listening, answer every client already
+    past its final dot, flush their records and exit.
+
+Limits that count across connections (connections in all and per client IP, AUTH failures
+per IP, DATA memory) are divided among the processes, so the relay as a whole never goes
+over them. A child that dies stops the relay (exit code 1), like a failed scheduler: a
+supervisor restarts it on the same spool, and every message a child acknowledged is on
+disk (recovered at start-up if its record was lost). Children die with the relay's
+process (PR_SET_PDEATHSIG) and when their socket pair closes.
+
+Records, child -> relay: `M <bytes sent> <envelope JSON>\n` then those bytes (none for a
+message over HANDOVER_DATA_LIMIT: its first attempt reads the file); `R <refused total>\n`.
+Relay -> child: `go\n`, `Q <messages> <bytes>\n`, `stop\n`.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import dataclasses
+import gc
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any, Callable, NoReturn, Optional
+
+from server.config import Address, ServeConfig
+from server.limits import Limits
+from server.queue import QueuedMessage
+
+log = logging.getLogger("routedsl.intake")
+
+HANDOVER_DATA_LIMIT = 1024 * 1024   # larger messages are read from the spool by their first attempt
+USAGE_INTERVAL = 1.0                # seconds between queue-size updates to the children
+_RECORD_LIMIT = 64 * 1024 * 1024    # longest record line (an envelope with many recipients)
+_PR_SET_PDEATHSIG = 1
+
+Listeners = tuple[socket.socket, Optional[socket.socket]]   # plain, implicit TLS
+
+
+# ---------------------------------------------------------------- records
+
+def _message_record(msg: QueuedMessage, data: bytes) -> bytes:
+    body = data if len(data) <= HANDOVER_DATA_LIMIT else b""
+    envelope = json.dumps(dataclasses.asdict(msg), ensure_ascii=True, separators=(",", ":"))
+    return b"M %d %s\n%s" % (len(body), envelope.encode("ascii"), body)
+
+
+def _read_message(line: bytes) -> tuple[QueuedMessage, int]:
+    _, sent, envelope = line.rstrip(b"\n").split(b" ", 2)
+    fields = json.loads(envelope)
+    fields["recipients"] = tuple(fields["recipients"])
+    return QueuedMessage(**fields), int(sent)
+
+
+def shared_limits(limits: Limits, processes: int, max_size: int) -> Limits:
+    """Each process's share of the limits that count across connections."""
+    return dataclasses.replace(
+        limits,
+        max_connections=max(1, limits.max_connections // processes),
+        max_connections_per_ip=max(1, limits.max_connections_per_ip // processes),
+        max_auth_failures_per_ip=max(1, limits.max_auth_failures_per_ip // processes),
+        max_data_memory=max(max_size, limits.max_data_memory // processes))
+
+
+# ---------------------------------------------------------------- start-up (before any loop)
+
+def _bind(address: Address, count: int) -> list[socket.socket]:
+    """`count` listening sockets on one address, sharing its port (SO_REUSEPORT)."""
+    family, kind, proto, _, where = socket.getaddrinfo(
+        address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(where)
+            where = sock.getsockname()   # port 0: the others join the port the first one got
+            sock.listen(100)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def fork_intake(config: ServeConfig) -> "IntakeProcesses":
+    """Bind the listen addresses and fork `config.smtp_processes` children that wait for
+    `go`. Must run before any event loop or thread exists. Raises ListenerError for an
+    unusable TLS or users setting, OSError when an address cannot be bound."""
+    from server.smtp import ListenerError, make_tls_context
+    from server.users import UserStore, UsersError
+
+    # What a child would find wrong at start-up is found here, once, before any binding.
+    tls_context = make_tls_context(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
+    if config.listen_tls is not None and tls_context is None:
+        raise ListenerError("--listen-tls needs --tls-cert and --tls-key")
+    if config.users is not None:
+        try:
+            UserStore(config.users)
+        except UsersError as exc:
+            raise ListenerError(str(exc)) from None
+    count = config.smtp_processes
+    plain = _bind(config.listen, count)
+    try:
+        implicit = _bind(config.listen_tls, count) if config.listen_tls else [None] * count
+    except BaseException:
+        for sock in plain:
+            sock.close()
+        raise
+    addresses = [Address(*s.getsockname()[:2]) for s in (plain[0], implicit[0]) if s is not None]
+    # What the children run is imported now, so its pages stay shared after the fork.
+    import server.intake  # noqa: F401
+    import server.smtp  # noqa: F401
+    parent = os.getpid()
+    children: list[_ChildProcess] = []
+    gc.freeze()   # the collector would touch (and so copy) every object the children share
+    try:
+        for i in range(count):
+            ours, theirs = socket.socketpair()
+            pid = os.fork()
+            if pid == 0:   # the child: keep its own listeners and its end of the pair only
+                for other in [*plain, *implicit, *(c.channel for c in children), ours]:
+                    if other is not None and other not in (plain[i], implicit[i]):
+                        other.close()
+                _child_main(config, (plain[i], implicit[i]), tls_context, theirs, parent)
+            theirs.close()
+            children.append(_ChildProcess(pid, ours))
+    except BaseException:
+        for child in children:
+            child.kill()
+        raise
+    finally:
+        gc.unfreeze()
+        for sock in [*plain, *implicit]:   # the children have them
+            if sock is not None:
+                sock.close()
+    return IntakeProcesses(children, addresses)
+
+
+# ---------------------------------------------------------------- the child
+
+def _child_main(config: ServeConfig, listeners: Listeners, tls_context: Any,
+                channel: socket.socket, parent: int) -> NoReturn:
+    code = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:   # the relay died before the line above
+            os._exit(1)
+        # The relay's process decides when to stop: a terminal's Ctrl-C or hang-up reaches
+        # the whole process group, and a child must not stop on its own.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        from server.app import run_loop
+        code = run_loop(_Child(config, listeners, tls_context, channel).run())
+    except BaseException:
+        log.exception("SMTP intake process failed")
+    finally:
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+class _Child:
+    def __init__(self, config: ServeConfig, listeners: Listeners, tls_context: Any,
+                 channel: socket.socket) -> None:
+        self.config = config
+        self.listeners = listeners
+        self.tls_context = tls_context
+        self.channel = channel
+        self.usage = (0, 0)
+        self.writer: Optional[asyncio.StreamWriter] = None
+
+    def _tell(self, msg: QueuedMessage, data: bytes) -> None:
+        assert self.writer is not None
+        self.writer.write(_message_record(msg, data))
+
+    async def run(self) -> int:
+        from server.intake import Intake
+        from server.queue import Spool
+        from server.smtp import start_listeners
+
+        cfg = self.config
+        reader, self.writer = await asyncio.open_unix_connection(sock=self.channel, limit=_RECORD_LIMIT)
+        if await reader.readline() != b"go\n":
+            return 0   # the relay did not start (or stopped before it did)
+        spool = Spool(cfg.spool)
+        spool.open_for_intake(self._tell)
+        handler = Intake(spool, hostname=cfg.hostname)
+        limits = shared_limits(cfg.limits or Limits(), cfg.smtp_processes, cfg.max_size)
+        servers = await start_listeners(handler, dataclasses.replace(cfg, limits=limits),
+                                        sockets=self.listeners, tls_context=self.tls_context,
+                                        queue_usage=lambda: self.usage)
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        listening = asyncio.create_task(self._listen(reader, handler, stop))
+        await stop.wait()
+        for server in servers:
+            server.close()
+        await handler.drain(cfg.shutdown_timeout)
+        listening.cancel()
+        self.writer.write(b"R %d\n" % handler.refused)
+        try:
+            self.writer.close()
+            await asyncio.wait_for(self.writer.wait_closed(), cfg.shutdown_timeout)
+        except (OSError, asyncio.TimeoutError):
+            pass   # the relay is gone: what was acknowledged is on disk for its next start
+        await asyncio.to_thread(spool.close)
+        return 0
+
+    async def _listen(self, reader: asyncio.StreamReader, handler: Any, stop: asyncio.Event) -> None:
+        """The relay's words: queue size (answered with our refusal count) until `stop` or EOF."""
+        assert self.writer is not None
+        try:
+            while (line := await reader.readline()).startswith(b"Q "):
+                _, messages, size = line.split()
+                self.usage = (int(messages), int(size))
+                self.writer.write(b"R %d\n" % handler.refused)
+        finally:
+            stop.set()
+
+
+# ---------------------------------------------------------------- the relay's side
+
+@dataclasses.dataclass
+class _ChildProcess:
+    pid: int
+    channel: socket.socket
+    writer: Optional[asyncio.StreamWriter] = None
+    refused: int = 0
+    exit_code: Optional[int] = None
+
+    def send(self, line: bytes) -> None:
+        if self.writer is not None and not self.writer.is_closing():
+            self.writer.write(line)
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class IntakeProcesses:
+    """The relay's handle on its SMTP intake processes (in the place of the in-process
+    Intake handler: `accepted`, `refused`, `drain`)."""
+
+    def __init__(self, children: list[_ChildProcess], addresses: list[Address]) -> None:
+        self.children = children
+        self.addresses = addresses
+        self.accepted = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._usage: Optional[asyncio.Task[None]] = None
+        self._stopping = False
+
+    @property
+    def refused(self) -> int:
+        return sum(c.refused for c in self.children)
+
+    async def start(self, spool: Any, on_accepted: Callable[[QueuedMessage], None]) -> None:
+        """Let the children listen; their messages go to `spool.adopt` and `on_accepted`."""
+        for child in self.children:
+            reader, child.writer = await asyncio.open_unix_connection(sock=child.channel, limit=_RECORD_LIMIT)
+            child.send(b"go\n")
+            self._tasks.append(asyncio.create_task(self._serve(child, reader, spool, on_accepted),
+                                                   name=f"SMTP intake process {child.pid}"))
+        self._usage = asyncio.create_task(self._send_usage(spool))
+
+    async def watch(self) -> None:
+        """Returns when a child has ended (the relay then stops, unless it is stopping)."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+        for child in self.children:
+            if child.exit_code is not None and not self._stopping:
+                log.error("SMTP intake process %d ended with exit code %d", child.pid, child.exit_code)
+
+    async def _serve(self, child: _ChildProcess, reader: asyncio.StreamReader, spool: Any,
+                     on_accepted: Callable[[QueuedMessage], None]) -> None:
+        try:
+            while line := await reader.readline():
+                if line.startswith(b"M "):
+                    msg, sent = _read_message(line)
+                    data = await reader.readexactly(sent) if sent else None
+                    spool.adopt(msg, data)
+                    self.accepted += 1
+                    try:
+                        on_accepted(msg)
+                    except Exception:   # durable and indexed: the scheduler's own scan finds it
+                        log.exception("%s: could not wake the scheduler", msg.id)
+                elif line.startswith(b"R "):
+                    child.refused = int(line.split()[1])
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass   # the child died mid-record; the message is on disk for the next start
+        child.exit_code = await _exit_code(child.pid)
+
+    async def _send_usage(self, spool: Any) -> None:
+        while True:
+            line = b"Q %d %d\n" % (len(spool), spool.total_bytes)
+            for child in self.children:
+                child.send(line)
+            await asyncio.sleep(USAGE_INTERVAL)
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop the children: no new connections, every client past its final dot answered,
+        their records read. Children still running after `timeout` are killed (what they
+        acknowledged is on disk). True when all stopped in time."""
+        self._stopping = True
+        if self._usage is not None:
+            self._usage.cancel()
+        for child in self.children:
+            if self._tasks:
+                child.send(b"stop\n")
+            else:   # never started: the child still waits for `go`
+                child.channel.sendall(b"stop\n")
+        if not self._tasks:
+            self._tasks = [asyncio.create_task(_reap(c)) for c in self.children]
+        done, pending = await asyncio.wait(self._tasks, timeout=timeout)
+        for child in self.children:
+            if child.exit_code is None:
+                child.kill()
+        if pending:
+            await asyncio.wait(pending, timeout=5.0)
+        for child in self.children:
+            if child.writer is not None:
+                child.writer.close()
+            child.channel.close()
+        return not pending
+
+
+async def _reap(child: _ChildProcess) -> None:
+    child.exit_code = await _exit_code(child.pid)
+
+
+async def _exit_code(pid: int) -> int:
+    """Wait for a child to end (pidfd readable) and reap it."""
+    loop = asyncio.get_running_loop()
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        fd = -1
+    if fd >= 0:
+        ended = loop.create_future()
+        loop.add_reader(fd, lambda: ended.done() or ended.set_result(None))
+        try:
+            await ended
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:
+        return -1
+    return os.waitstatus_to_exitcode(status)

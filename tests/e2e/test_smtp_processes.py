@@ -1,0 +1,161 @@
+"""`routedsl serve --smtp-processes N`: SMTP intake in forked processes of its own.
+
+What a mail administrator relies on: mail flows exactly as with in-process intake; the
+limits hold for the relay as a whole; a stop is graceful and leaves no process behind; a
+crash of the relay's process takes its intake processes with it, and a crash of an intake
+process stops the relay (for its supervisor to restart) without losing what it accepted.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+
+import pytest
+
+from server.intake_processes import _message_record, _read_message, shared_limits
+from server.limits import Limits
+from server.queue import QueuedMessage
+from tests.e2e.conftest import message, send
+from tests.support.fake_smtp import FakeSmtp
+from tests.support.poll import until
+
+
+def children(pid: int) -> list[int]:
+    """Live (not zombie) child processes of `pid`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            state, ppid = stat[stat.rfind(")") + 2:].split()[:2]
+            if int(ppid) == pid and state not in "ZX":
+                found.append(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in "ZX"
+
+
+def test_a_record_carries_the_envelope_and_bytes_across():
+    msg = QueuedMessage(id="0123456789ABCDEF0123", sender="a@b.test", recipients=("x@y.test", "z@y.test"),
+                        size=5, arrival=1.5, smtputf8=True)
+    record = _message_record(msg, b"hello")
+    line, rest = record.split(b"\n", 1)
+    assert _read_message(line + b"\n") == (msg, 5) and rest == b"hello"
+
+
+def test_limits_counted_across_connections_are_shared_out():
+    limits = shared_limits(Limits(max_connections=100, max_connections_per_ip=5, max_auth_failures_per_ip=1,
+                                  max_data_memory=10_000, max_recipients=7), 2, max_size=8_000)
+    assert (limits.max_connections, limits.max_connections_per_ip, limits.max_auth_failures_per_ip) == (50, 2, 1)
+    assert limits.max_data_memory == 8_000          # never less than one message of the size limit
+    assert limits.max_recipients == 7               # per message: unchanged
+
+
+async def test_mail_flows_through_intake_processes_and_a_stop_leaves_none_behind(make_relay):
+    async with FakeSmtp("127.0.0.3") as sink:
+        relay = make_relay(f"engine sink = smtp://127.0.0.3:{sink.port} tls none timeout 10s\n",
+                           args=["--smtp-processes", "2"])
+        await relay.astart()
+        assert relay.proc is not None
+        intake = children(relay.proc.pid)
+        assert len(intake) == 2, relay.log
+        # many connections, so the kernel spreads them over both processes
+        ids = [f"<mp-{i}@load.test>" for i in range(40)]
+        replies = await asyncio.gather(*(send(relay, "load@home.test", ["sink@example.net"],
+                                              message("load@home.test", ["sink@example.net"], msgid=i))
+                                         for i in ids))
+        assert all(r.startswith("2.0.0 Ok: queued as") for r in replies), replies
+        await until(lambda: len(sink.messages) >= len(ids), 15, "every message at the sink")
+        assert sorted(m.header("Message-ID") for m in sink.messages) == sorted(ids)
+        assert await relay.astop() == 0
+    for pid in intake:
+        assert not alive(pid), f"intake process {pid} outlived the relay"
+    assert "Traceback" not in relay.log
+
+
+async def test_the_connection_limit_per_ip_holds_for_the_relay_as_a_whole(make_relay):
+    relay = make_relay("engine sink = smtp://127.0.0.3:9 tls none\n",
+                       args=["--smtp-processes", "2", "--max-connections-per-ip", "4"])
+    await relay.astart()
+    assert relay.address is not None
+    conns = []
+
+    def greet() -> str:
+        sock = socket.create_connection(relay.address, timeout=10)
+        conns.append(sock)
+        return sock.makefile("rb").readline().decode()
+
+    try:
+        greetings = [await asyncio.to_thread(greet) for _ in range(10)]
+    finally:
+        for sock in conns:
+            sock.close()
+        await relay.astop()
+    welcomed = [g for g in greetings if g.startswith("220")]
+    assert 1 <= len(welcomed) <= 4, greetings
+    assert all(g.startswith("421") for g in greetings if not g.startswith("220")), greetings
+
+
+async def test_killing_the_relay_kills_its_intake_processes_and_a_restart_delivers(make_relay):
+    async with FakeSmtp("127.0.0.3") as sink:
+        sink.fail("MAIL", "421 4.3.2 try later")     # keep the first message queued
+        relay = make_relay(f"engine sink = smtp://127.0.0.3:{sink.port} tls none timeout 10s\n",
+                           args=["--smtp-processes", "2"])
+        await relay.astart()
+        assert relay.proc is not None
+        intake = children(relay.proc.pid)
+        await send(relay, "a@home.test", ["sink@example.net"],
+                   message("a@home.test", ["sink@example.net"], msgid="<queued@load.test>"))
+        await relay.akill()
+        await until(lambda: not any(alive(p) for p in intake), 10, "the intake processes to die with the relay")
+        sink.heal()
+        await relay.astart()
+        await until(lambda: sink.messages, 15, "the queued message after the restart")
+        assert sink.messages[0].header("Message-ID") == "<queued@load.test>"
+        await relay.astop()
+
+
+async def test_a_dead_intake_process_stops_the_relay_for_its_supervisor(make_relay):
+    async with FakeSmtp("127.0.0.3") as sink:
+        relay = make_relay(f"engine sink = smtp://127.0.0.3:{sink.port} tls none timeout 10s\n",
+                           args=["--smtp-processes", "2"])
+        await relay.astart()
+        assert relay.proc is not None
+        victim, survivor = children(relay.proc.pid)
+        os.kill(victim, signal.SIGKILL)
+        code = await asyncio.to_thread(relay.proc.wait, 15)
+        assert code == 1, relay.log
+        await until(lambda: not alive(survivor), 10, "the other intake process to stop too")
+        assert f"SMTP intake process {victim} ended" in relay.log
+        await relay.astart()        # the supervisor's restart on the same spool works
+        await send(relay, "a@home.test", ["sink@example.net"],
+                   message("a@home.test", ["sink@example.net"], msgid="<after@load.test>"))
+        await until(lambda: sink.messages, 15, "mail after the restart")
+        await relay.astop()
+
+
+def test_a_rules_file_with_errors_starts_no_intake_process(make_relay):
+    relay = make_relay("engine sink = smtp://127.0.0.3:9 tls none\nif destination is then try sink first\n",
+                       args=["--smtp-processes", "2"])
+    with pytest.raises(AssertionError) as failed:
+        relay.start(timeout=10)
+    assert "refusing to start" in str(failed.value)
+    assert relay.proc is not None and relay.proc.returncode == 1
+    assert not children(relay.proc.pid)
+
+
+def test_smtp_processes_must_be_a_small_number(make_relay):
+    relay = make_relay("engine sink = smtp://127.0.0.3:9 tls none\n", args=["--smtp-processes", "many"])
+    with pytest.raises(AssertionError) as failed:
+        relay.start(timeout=10)
+    assert "--smtp-processes: 'many' is not a number from 0 to 64" in str(failed.value)
