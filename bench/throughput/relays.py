@@ -16,6 +16,7 @@ Never: listens or connects outside 127.0.0.0/8; leaves a relay process running.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -173,7 +174,9 @@ class RoutedslRelay:
             self._proc = None
 
     def cpu_seconds(self) -> float:
-        return procstat.cpu_seconds(self.pid, reaped_children=True)
+        # with --smtp-processes the intake runs in live children of the relay's process
+        return procstat.cpu_seconds(self.pid, reaped_children=True) + sum(
+            procstat.cpu_seconds(child) for child in procstat.children_of(self.pid))
 
     def memory_kib(self) -> int:
         return procstat.pss_kib([self.pid, *procstat.children_of(self.pid)])
@@ -195,6 +198,12 @@ class RoutedslRelay:
 
 
 SYSTEMS = ("postfix", "routedsl", "tuned")
+# `routedsl-pN`: routedsl with `--smtp-processes N` (e.g. routedsl-p2)
+_PROCESSES = re.compile(r"routedsl-p(\d+)")
+
+
+def known_system(system: str) -> bool:
+    return system in SYSTEMS or _PROCESSES.fullmatch(system) is not None
 
 
 def make_relay(system: str, variant: str, sink_port: int, probe_port: int, dead_port: int,
@@ -205,5 +214,11 @@ def make_relay(system: str, variant: str, sink_port: int, probe_port: int, dead_
     if system == "tuned":
         return RoutedslRelay(variant, sink_port, probe_port, dead_port, routedsl_args, patches,
                              connections)
+    processes = _PROCESSES.fullmatch(system)
+    if processes is not None:
+        relay = RoutedslRelay(variant, sink_port, probe_port, dead_port,
+                              (*routedsl_args, "--smtp-processes", processes.group(1)), connections=connections)
+        relay.name = system
+        return relay
     return RoutedslRelay(variant, sink_port, probe_port, dead_port, routedsl_args,
                          connections=connections)

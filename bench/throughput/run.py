@@ -34,7 +34,7 @@ sys.path.insert(1, str(HERE.parents[1]))          # the repository: tests.suppor
 import procstat  # noqa: E402
 from peers import SmtpSink, ensure_packages, free_port, smtp_source  # noqa: E402
 from probe import ProbeSink, Prober, latencies  # noqa: E402
-from relays import FAILOVER_DOMAIN, LOAD_DOMAIN, SYSTEMS, VARIANTS, make_relay  # noqa: E402
+from relays import FAILOVER_DOMAIN, LOAD_DOMAIN, VARIANTS, known_system, make_relay  # noqa: E402
 
 log = logging.getLogger("routedsl.bench")
 
@@ -191,8 +191,9 @@ def medians(results: list[RunResult]) -> str:
     """Markdown: per variant, shape and system, the median of each figure over the rounds."""
     out = ["| variant | shape | system | runs | e2e msg/s | accept msg/s | p50 / p99 ms | 250 p50 ms | CPU ms/msg | memory MiB (PSS) |",
            "|---|---|---|---|---|---|---|---|---|---|"]
+    order = list(dict.fromkeys(r.system for r in results))   # as the runs were made
     keys = sorted({(r.variant, r.shape, r.system) for r in results},
-                  key=lambda k: (VARIANTS.index(k[0]), k[1], SYSTEMS.index(k[2])))
+                  key=lambda k: (VARIANTS.index(k[0]), k[1], order.index(k[2])))
     for variant, shape, system in keys:
         runs = [r for r in results if (r.variant, r.shape, r.system) == (variant, shape, system)]
 
@@ -255,7 +256,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--variants", default=None, help=f"comma list of {','.join(VARIANTS)}")
     p.add_argument("--shapes", default="reuse,single", help="comma list of reuse,single")
     p.add_argument("--systems", default="postfix,routedsl",
-                   help="comma list of postfix,routedsl,tuned (tuned: routedsl with --tuned-patches)")
+                   help="comma list of postfix,routedsl,tuned,routedsl-pN (tuned: routedsl with --tuned-patches; "
+                        "routedsl-pN: with --smtp-processes N)")
     p.add_argument("--tuned-patches", default="all",
                    help="patches for the tuned system (see tuned_serve.py), comma list or all")
     p.add_argument("--engine-connections", type=int, default=None, metavar="N",
@@ -283,7 +285,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if v not in VARIANTS:
             p.error(f"unknown variant {v!r}")
     for s in args.systems:
-        if s not in SYSTEMS:
+        if not known_system(s):
             p.error(f"unknown system {s!r}")
     for s in args.shapes:
         if s not in SHAPES:
