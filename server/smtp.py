@@ -241,6 +241,15 @@ class RelaySMTP(SMTP):
             self._deadline_handle.cancel()
         super().connection_lost(error)
 
+    def eof_received(self) -> Optional[bool]:
+        # aiosmtpd keeps the transport half-open after EOF (the stream protocol's default)
+        # and cancels the session. Under uvloop a client that connects and leaves at once
+        # sends its EOF before the session task has started, so nothing would ever close
+        # that transport: it would hold its connection slot until the idle timeout, and
+        # load-balancer health checks would fill `max_connections`. Close it now.
+        super().eof_received()
+        return False
+
     async def _handle_client(self) -> None:
         if self._refusal is not None:
             log.warning("refused a connection from %s: %s", self.peer_ip, self._refusal)

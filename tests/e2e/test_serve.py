@@ -11,6 +11,7 @@ import pytest
 
 from tests.e2e.conftest import message, send
 from tests.support.fake_smtp import FakeSmtp
+from tests.support.poll import until
 from tests.support.relay import RelayExited
 
 pytestmark = pytest.mark.slow
@@ -160,3 +161,33 @@ async def http_get(host: str, port: int, path: str) -> str:
     data = await asyncio.wait_for(reader.read(), 10)
     writer.close()
     return data.decode()
+
+
+@pytest.mark.parametrize("processes", ["0", "2"])
+async def test_a_client_that_connects_and_leaves_at_once_holds_no_connection_slot(make_relay, processes):
+    # what a load balancer's health check or a port scanner does, many times over
+    relay = make_relay("engine sink = smtp://127.0.0.3:9 tls none\n",
+                       args=["--max-connections-per-ip", "2", "--smtp-processes", processes])
+    await relay.astart()
+    assert relay.address is not None
+    address = relay.address
+
+    def knock() -> None:
+        with socket.create_connection(address, timeout=5):
+            pass
+
+    def greet() -> str:
+        with socket.create_connection(address, timeout=5) as sock:
+            first = sock.makefile("rb").readline().decode()
+            with socket.create_connection(address, timeout=5) as other:
+                return first + other.makefile("rb").readline().decode()
+
+    try:
+        for _ in range(6):
+            await asyncio.to_thread(knock)
+        # both places come free at once (each knock is closed by the relay as soon as it is seen)
+        greetings = await until(lambda: (g := greet()).count("220 ") == 2 and g, 10, "two connections welcomed")
+        assert greetings.count("220 ") == 2
+    finally:
+        await relay.astop()
+    assert "Traceback" not in relay.log
