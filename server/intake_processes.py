@@ -17,8 +17,9 @@ This module owns:
     limits); `drain()` at a stop: the children stop listening, answer every client already
     past its final dot, flush their records and exit.
 
-Limits that count across connections (connections in all and per client IP, AUTH failures
-per IP, DATA memory) are divided among the processes, so the relay as a whole never goes
+Connections in all and per client IP are counted in memory shared by every process
+(`SharedConnectionGate`), so those limits hold exactly as with one process; AUTH failures
+per IP and DATA memory are divided among the processes, so the relay as a whole never goes
 over them. A child that dies stops the relay (exit code 1), like a failed scheduler: a
 supervisor restarts it on the same spool, and every message a child acknowledged is on
 disk (recovered at start-up if its record was lost). Children die with the relay's
@@ -40,6 +41,7 @@ import os
 import signal
 import socket
 import sys
+import zlib
 from typing import Any, Callable, NoReturn, Optional
 
 from server.config import Address, ServeConfig
@@ -72,13 +74,58 @@ def _read_message(line: bytes) -> tuple[QueuedMessage, int]:
 
 
 def shared_limits(limits: Limits, processes: int, max_size: int) -> Limits:
-    """Each process's share of the limits that count across connections."""
+    """Each process's share of the limits counted across connections that are not shared
+    (AUTH failures per IP, DATA memory)."""
     return dataclasses.replace(
         limits,
-        max_connections=max(1, limits.max_connections // processes),
-        max_connections_per_ip=max(1, limits.max_connections_per_ip // processes),
         max_auth_failures_per_ip=max(1, limits.max_auth_failures_per_ip // processes),
         max_data_memory=max(max_size, limits.max_data_memory // processes))
+
+
+class SharedConnectionGate:
+    """`server.smtp.ConnectionGate` for several processes: the open connections in all and
+    per client IP, counted in anonymous shared memory made before the fork.
+
+    A client IP is counted in one of BUCKETS counters chosen by a stable hash (crc32): two
+    clients share a counter only on a collision, which can only make the limit stricter for
+    them, never looser. A process that dies takes its counts with it only by stopping the
+    relay, which a dead intake process does.
+    """
+    BUCKETS = 1 << 16
+
+    def __init__(self, max_total: int, max_per_ip: int) -> None:
+        import mmap
+        import multiprocessing
+        self.max_total = max_total
+        self.max_per_ip = max_per_ip
+        self._memory = mmap.mmap(-1, 4 * (1 + self.BUCKETS))   # MAP_SHARED | MAP_ANONYMOUS
+        self._counts = memoryview(self._memory).cast("i")      # [0]: total; [1 + bucket]: per IP
+        self._lock = multiprocessing.get_context("fork").Lock()
+
+    def _bucket(self, ip: str) -> int:
+        return 1 + zlib.crc32(ip.encode()) % self.BUCKETS
+
+    @property
+    def total(self) -> int:
+        return self._counts[0]
+
+    def acquire(self, ip: str) -> Optional[str]:
+        """None when the connection may go on, else the reply that refuses it."""
+        bucket, counts = self._bucket(ip), self._counts
+        with self._lock:
+            if counts[0] >= self.max_total:
+                return "421 4.3.2 Service busy, too many connections; try again later"
+            if counts[bucket] >= self.max_per_ip:
+                return "421 4.7.0 Too many connections from your address; try again later"
+            counts[0] += 1
+            counts[bucket] += 1
+        return None
+
+    def release(self, ip: str) -> None:
+        bucket, counts = self._bucket(ip), self._counts
+        with self._lock:
+            counts[0] -= 1
+            counts[bucket] -= 1
 
 
 # ---------------------------------------------------------------- start-up (before any loop)
@@ -124,6 +171,8 @@ def fork_intake(config: ServeConfig) -> "IntakeProcesses":
         except UsersError as exc:
             raise ListenerError(str(exc)) from None
     count = config.smtp_processes
+    limits = config.limits or Limits()
+    gate = SharedConnectionGate(limits.max_connections, limits.max_connections_per_ip)
     plain = _bind(config.listen, count)
     try:
         implicit = _bind(config.listen_tls, count) if config.listen_tls else [None] * count
@@ -146,7 +195,7 @@ def fork_intake(config: ServeConfig) -> "IntakeProcesses":
                 for other in [*plain, *implicit, *(c.channel for c in children), ours]:
                     if other is not None and other not in (plain[i], implicit[i]):
                         other.close()
-                _child_main(config, (plain[i], implicit[i]), tls_context, theirs, parent)
+                _child_main(config, (plain[i], implicit[i]), tls_context, gate, theirs, parent)
             theirs.close()
             children.append(_ChildProcess(pid, ours))
     except BaseException:
@@ -164,7 +213,7 @@ def fork_intake(config: ServeConfig) -> "IntakeProcesses":
 # ---------------------------------------------------------------- the child
 
 def _child_main(config: ServeConfig, listeners: Listeners, tls_context: Any,
-                channel: socket.socket, parent: int) -> NoReturn:
+                gate: SharedConnectionGate, channel: socket.socket, parent: int) -> NoReturn:
     code = 1
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -176,7 +225,7 @@ def _child_main(config: ServeConfig, listeners: Listeners, tls_context: Any,
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         from server.app import run_loop
-        code = run_loop(_Child(config, listeners, tls_context, channel).run())
+        code = run_loop(_Child(config, listeners, tls_context, gate, channel).run())
     except BaseException:
         log.exception("SMTP intake process failed")
     finally:
@@ -187,10 +236,11 @@ def _child_main(config: ServeConfig, listeners: Listeners, tls_context: Any,
 
 class _Child:
     def __init__(self, config: ServeConfig, listeners: Listeners, tls_context: Any,
-                 channel: socket.socket) -> None:
+                 gate: SharedConnectionGate, channel: socket.socket) -> None:
         self.config = config
         self.listeners = listeners
         self.tls_context = tls_context
+        self.gate = gate
         self.channel = channel
         self.usage = (0, 0)
         self.writer: Optional[asyncio.StreamWriter] = None
@@ -202,7 +252,7 @@ class _Child:
     async def run(self) -> int:
         from server.intake import Intake
         from server.queue import Spool
-        from server.smtp import start_listeners
+        from server.smtp import AuthLimiter, DataBudget, ListenerState, start_listeners
 
         cfg = self.config
         reader, self.writer = await asyncio.open_unix_connection(sock=self.channel, limit=_RECORD_LIMIT)
@@ -212,9 +262,12 @@ class _Child:
         spool.open_for_intake(self._tell)
         handler = Intake(spool, hostname=cfg.hostname)
         limits = shared_limits(cfg.limits or Limits(), cfg.smtp_processes, cfg.max_size)
+        state = ListenerState(gate=self.gate,  # type: ignore[arg-type]  (the same interface)
+                              auth_limiter=AuthLimiter(limits.max_auth_failures_per_ip, limits.auth_failure_window),
+                              data_budget=DataBudget(limits.max_data_memory))
         servers = await start_listeners(handler, dataclasses.replace(cfg, limits=limits),
                                         sockets=self.listeners, tls_context=self.tls_context,
-                                        queue_usage=lambda: self.usage)
+                                        state=state, queue_usage=lambda: self.usage)
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         listening = asyncio.create_task(self._listen(reader, handler, stop))
