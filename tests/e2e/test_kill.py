@@ -4,7 +4,9 @@ Several client threads submit a few hundred messages (each with a unique Message
 SMTP, as real clients do: a message that got no `250` is sent again once the relay is
 back. Part-way through, the relay is killed with SIGKILL (twice) and restarted at once on
 the same spool and port. In the end every message that got a `250` must have arrived at
-the sink at least once (G1, G3). Duplicates are allowed (at-least-once) and are counted
+the sink at least once (G1, G3). With `--smtp-processes 2` the kill hits the relay's own
+process while its intake processes hold messages between their `250` and the relay's
+reading of the hand-over record; those are found on disk at the restart. Duplicates are allowed (at-least-once) and are counted
 and reported, never more than the messages in flight at the moments of the kills.
 """
 from __future__ import annotations
@@ -85,10 +87,11 @@ class Load:
         return kills
 
 
-async def test_sigkill_under_load_loses_no_acknowledged_message(make_relay, tmp_path, record_property):
+@pytest.mark.parametrize("processes", ["0", "2"])   # SMTP intake in the relay's process, or in two of its own
+async def test_sigkill_under_load_loses_no_acknowledged_message(make_relay, tmp_path, record_property, processes):
     async with FakeSmtp("127.0.0.3") as sink:
         relay = make_relay(f"engine sink = smtp://127.0.0.3:{sink.port} tls none timeout 10s\n",
-                           min_backoff="0.5s", max_backoff="1s")
+                           min_backoff="0.5s", max_backoff="1s", args=["--smtp-processes", processes])
         await relay.astart()
         load = Load(relay)
         *_, kills = await asyncio.gather(*(asyncio.to_thread(load.client, n) for n in range(CLIENTS)),
@@ -118,3 +121,4 @@ async def test_sigkill_under_load_loses_no_acknowledged_message(make_relay, tmp_
     assert "Traceback" not in relay.log
     assert not any((tmp_path / "spool" / "corrupt").iterdir()), "a killed write left a torn file live"
     assert relay.log.count("serving on") == 1 + len(KILLS_AT)
+    assert "SMTP intake process" not in relay.log      # every intake process died with its relay
