@@ -182,3 +182,29 @@ def test_smtp_processes_must_be_a_small_number(make_relay):
     with pytest.raises(AssertionError) as failed:
         relay.start(timeout=10)
     assert "--smtp-processes: 'many' is not a number from 0 to 64" in str(failed.value)
+
+
+async def test_the_queue_limit_holds_when_the_intake_runs_in_its_own_processes(make_relay):
+    async with FakeSmtp("127.0.0.3") as sink:
+        sink.fail("MAIL", "451 4.3.0 not now")      # every message stays queued
+        relay = make_relay(f"engine sink = smtp://127.0.0.3:{sink.port} tls none timeout 10s\n",
+                           min_backoff="1h", max_backoff="2h",
+                           args=["--smtp-processes", "2", "--max-queue-messages", "2"])
+        await relay.astart()
+        for i in range(2):
+            await send(relay, "a@home.test", ["sink@example.net"],
+                       message("a@home.test", ["sink@example.net"], msgid=f"<q{i}@load.test>"))
+
+        async def refused() -> bool:
+            try:
+                await send(relay, "a@home.test", ["sink@example.net"],
+                           message("a@home.test", ["sink@example.net"], msgid="<over@load.test>"))
+            except Exception as exc:   # the queue's size reaches the intake processes within a second
+                return "452" in str(exc)
+            return False
+
+        deadline = asyncio.get_running_loop().time() + 10
+        while not await refused():
+            assert asyncio.get_running_loop().time() < deadline, relay.log
+        assert "queue full" in relay.log
+        await relay.astop()

@@ -25,7 +25,8 @@ def add_user(path, login: str, password: str) -> None:
     assert done.returncode == 0, done.stderr
 
 
-async def test_authenticated_submission_over_starttls_and_implicit_tls(tmp_path, make_relay):
+@pytest.mark.parametrize("processes", ["0", "2"])   # SMTP in the relay's process, or in two of its own
+async def test_authenticated_submission_over_starttls_and_implicit_tls(tmp_path, make_relay, processes):
     users = tmp_path / "users"
     await asyncio.to_thread(add_user, users, "alice", "correct horse")
     cert, key = certs.cert_files()
@@ -34,7 +35,7 @@ async def test_authenticated_submission_over_starttls_and_implicit_tls(tmp_path,
         relay = make_relay(
             f"engine sink = smtp://127.0.0.3:{sink.port} tls none\n",
             args=["--relay-network", "127.0.0.1/32", "--users", str(users), "--tls-cert", cert,
-                  "--tls-key", key, "--listen-tls", f"127.0.0.1:{tls_port}"])
+                  "--tls-key", key, "--listen-tls", f"127.0.0.1:{tls_port}", "--smtp-processes", processes])
         async with relay:
             host, port = relay.address
             data = message("alice@home.test", ["bob@example.net"], msgid="<starttls@t>")
