@@ -184,6 +184,10 @@ def fork_intake(config: ServeConfig) -> "IntakeProcesses":
     # What the children run is imported now, so its pages stay shared after the fork.
     import server.intake  # noqa: F401
     import server.smtp  # noqa: F401
+    try:
+        import uvloop  # noqa: F401  (app.run_loop's loop, when installed)
+    except ImportError:
+        pass
     parent = os.getpid()
     children: list[_ChildProcess] = []
     gc.freeze()   # the collector would touch (and so copy) every object the children share
