@@ -146,9 +146,10 @@ class Relay:
                 raise StartError(f"cannot listen on {cfg.metrics} for --metrics: {exc.strerror or exc}") from None
             self.metrics_address = Address(*self.metrics.sockets[0].getsockname()[:2])
         table = self.snapshot.table
-        log.info("routedsl serving on %s spool=%s rules=%s version=%s engines=%d rules=%d waiting=%d%s",
+        log.info("routedsl serving on %s spool=%s rules=%s version=%s engines=%d rules=%d waiting=%d%s%s",
                  " ".join(str(a) for a in self.addresses), cfg.spool, cfg.rules,
                  self.snapshot.version, len(table.engines), table.rule_count, len(waiting or ()),
+                 f" smtp-processes={cfg.smtp_processes}" if self.intake_processes else "",
                  f" metrics=http://{self.metrics_address}/metrics" if self.metrics else "")
 
     async def _initial_snapshot(self):

@@ -55,7 +55,7 @@ USAGE_INTERVAL = 1.0                # seconds between queue-size updates to the 
 _RECORD_LIMIT = 64 * 1024 * 1024    # longest record line (an envelope with many recipients)
 _PR_SET_PDEATHSIG = 1
 
-Listeners = tuple[socket.socket, Optional[socket.socket]]   # plain, implicit TLS
+Listeners = tuple[list[socket.socket], list[socket.socket]]   # one child's: plain, implicit TLS
 
 
 # ---------------------------------------------------------------- records
@@ -130,28 +130,38 @@ class SharedConnectionGate:
 
 # ---------------------------------------------------------------- start-up (before any loop)
 
-def _bind(address: Address, count: int) -> list[socket.socket]:
-    """`count` listening sockets on one address, sharing its port (SO_REUSEPORT)."""
-    family, kind, proto, _, where = socket.getaddrinfo(
-        address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    socks: list[socket.socket] = []
+def _bind(address: Optional[Address], count: int) -> list[list[socket.socket]]:
+    """For each of `count` children, listening sockets on every address `address` names
+    (as create_server binds them: `localhost` is 127.0.0.1 and ::1), each shared by the
+    children through SO_REUSEPORT. None: no sockets."""
+    per_child: list[list[socket.socket]] = [[] for _ in range(count)]
+    if address is None:
+        return per_child
+    infos = dict.fromkeys((family, kind, proto, where) for family, kind, proto, _, where in socket.getaddrinfo(
+        address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE))
     try:
-        for _ in range(count):
-            sock = socket.socket(family, kind, proto)
-            socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(where)
-            where = sock.getsockname()   # port 0: the others join the port the first one got
-            sock.listen(100)
-            sock.setblocking(False)
+        for family, kind, proto, where in infos:
+            for socks in per_child:
+                sock = socket.socket(family, kind, proto)
+                socks.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(where)
+                where = sock.getsockname()   # port 0: the others join the port the first one got
+                sock.listen(100)
+                sock.setblocking(False)
     except BaseException:
+        _close(per_child)
+        raise
+    return per_child
+
+
+def _close(per_child: list[list[socket.socket]]) -> None:
+    for socks in per_child:
         for sock in socks:
             sock.close()
-        raise
-    return socks
 
 
 def fork_intake(config: ServeConfig) -> "IntakeProcesses":
@@ -175,12 +185,11 @@ def fork_intake(config: ServeConfig) -> "IntakeProcesses":
     gate = SharedConnectionGate(limits.max_connections, limits.max_connections_per_ip)
     plain = _bind(config.listen, count)
     try:
-        implicit = _bind(config.listen_tls, count) if config.listen_tls else [None] * count
+        implicit = _bind(config.listen_tls, count)
     except BaseException:
-        for sock in plain:
-            sock.close()
+        _close(plain)
         raise
-    addresses = [Address(*s.getsockname()[:2]) for s in (plain[0], implicit[0]) if s is not None]
+    addresses = [Address(*s.getsockname()[:2]) for s in (*plain[0], *implicit[0])]
     # What the children run is imported now, so its pages stay shared after the fork.
     import server.intake  # noqa: F401
     import server.smtp  # noqa: F401
@@ -196,9 +205,9 @@ def fork_intake(config: ServeConfig) -> "IntakeProcesses":
             ours, theirs = socket.socketpair()
             pid = os.fork()
             if pid == 0:   # the child: keep its own listeners and its end of the pair only
-                for other in [*plain, *implicit, *(c.channel for c in children), ours]:
-                    if other is not None and other not in (plain[i], implicit[i]):
-                        other.close()
+                _close([s for j, s in enumerate([*plain, *implicit]) if j not in (i, count + i)])
+                for other in [*(c.channel for c in children), ours]:
+                    other.close()
                 _child_main(config, (plain[i], implicit[i]), tls_context, gate, theirs, parent)
             theirs.close()
             children.append(_ChildProcess(pid, ours))
@@ -208,9 +217,7 @@ def fork_intake(config: ServeConfig) -> "IntakeProcesses":
         raise
     finally:
         gc.unfreeze()
-        for sock in [*plain, *implicit]:   # the children have them
-            if sock is not None:
-                sock.close()
+        _close([*plain, *implicit])   # the children have them
     return IntakeProcesses(children, addresses)
 
 

@@ -827,12 +827,12 @@ def make_tls_context(cert: str | Path, key: str | Path) -> ssl.SSLContext:
     return context
 
 
-def _bind(address: Any, sock: Optional[socket.socket]) -> dict[str, Any]:
-    """create_server's arguments: the given bound socket, or the address to bind."""
-    if sock is not None:
-        return {"sock": sock}
+def _binds(address: Any, socks: list[socket.socket]) -> list[dict[str, Any]]:
+    """create_server's arguments: one server per given bound socket, or one for the address."""
+    if socks:
+        return [{"sock": sock} for sock in socks]
     host, port = _host_port(address)
-    return {"host": host, "port": port}
+    return [{"host": host, "port": port}]
 
 
 def _host_port(address: Any) -> tuple[str, int]:
@@ -876,7 +876,7 @@ async def start_listeners(handler: Any, config: Any, *,
                           tls_context: Optional[ssl.SSLContext] = None,
                           state: Optional[ListenerState] = None,
                           queue_usage: Optional[Callable[[], tuple[int, int]]] = None,
-                          sockets: Optional[tuple[socket.socket, Optional[socket.socket]]] = None,
+                          sockets: Optional[tuple[list[socket.socket], list[socket.socket]]] = None,
                           ) -> list[asyncio.Server]:
     """Start the SMTP listeners described by `config` (a ServeConfig or anything with its fields):
 
@@ -888,8 +888,8 @@ async def start_listeners(handler: Any, config: Any, *,
     AUTH limiter, data budget); pass `state` (see `listener_state`) to share or inspect it.
     `queue_usage() -> (messages, bytes)` feeds the queue limits; by default it is read from
     `handler.spool` when that has `len()` and `total_bytes` (server.queue.Spool does).
-    `sockets` = (plain, implicit TLS or None): listen on these already bound sockets (an
-    SMTP intake process, server/intake_processes.py) instead of binding `listen`/`listen_tls`.
+    `sockets` = (plain, implicit TLS): listen on these already bound sockets (an SMTP intake
+    process, server/intake_processes.py) instead of binding `listen`/`listen_tls`.
     Raises ListenerError for an unusable configuration, OSError when a port is taken.
     """
     from server.users import UserStore
@@ -926,12 +926,14 @@ async def start_listeners(handler: Any, config: Any, *,
 
     servers: list[asyncio.Server] = []
     try:
-        plain, implicit = sockets or (None, None)
-        servers.append(await loop.create_server(factory(False), **_bind(config.listen, plain)))
+        plain, implicit = sockets or ([], [])
+        for where in _binds(config.listen, plain):
+            servers.append(await loop.create_server(factory(False), **where))
         if listen_tls is not None:
-            servers.append(await loop.create_server(
-                factory(True), ssl=tls_context, ssl_handshake_timeout=min(30.0, limits.idle_timeout),
-                **_bind(listen_tls, implicit)))
+            for where in _binds(listen_tls, implicit):
+                servers.append(await loop.create_server(
+                    factory(True), ssl=tls_context, ssl_handshake_timeout=min(30.0, limits.idle_timeout),
+                    **where))
     except BaseException:
         for server in servers:
             server.close()

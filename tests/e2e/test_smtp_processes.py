@@ -84,6 +84,7 @@ async def test_mail_flows_through_intake_processes_and_a_stop_leaves_none_behind
         assert relay.proc is not None
         intake = children(relay.proc.pid)
         assert len(intake) == 2, relay.log
+        assert "smtp-processes=2" in relay.log
         # many connections, so the kernel spreads them over both processes
         ids = [f"<mp-{i}@load.test>" for i in range(40)]
         replies = await asyncio.gather(*(send(relay, "load@home.test", ["sink@example.net"],
