@@ -45,6 +45,12 @@ def alive(pid: int) -> bool:
     return state not in "ZX"
 
 
+def two_process_relay(make_relay, sink: FakeSmtp, *flags: str, **options):
+    """A relay (not started) with two SMTP intake processes, delivering everything to `sink`."""
+    return make_relay(f"engine sink = smtp://127.0.0.3:{sink.port} tls none timeout 10s\n",
+                      args=["--smtp-processes", "2", *flags], **options)
+
+
 def test_a_record_carries_the_envelope_and_bytes_across():
     msg = QueuedMessage(id="0123456789ABCDEF0123", sender="a@b.test", recipients=("x@y.test", "z@y.test"),
                         size=5, arrival=1.5, smtputf8=True)
@@ -78,8 +84,7 @@ def test_the_shared_gate_counts_connections_of_every_process():
 
 async def test_mail_flows_through_intake_processes_and_a_stop_leaves_none_behind(make_relay):
     async with FakeSmtp("127.0.0.3") as sink:
-        relay = make_relay(f"engine sink = smtp://127.0.0.3:{sink.port} tls none timeout 10s\n",
-                           args=["--smtp-processes", "2"])
+        relay = two_process_relay(make_relay, sink)
         await relay.astart()
         assert relay.proc is not None
         intake = children(relay.proc.pid)
@@ -133,8 +138,7 @@ async def test_the_connection_limit_per_ip_holds_for_the_relay_as_a_whole(make_r
 async def test_killing_the_relay_kills_its_intake_processes_and_a_restart_delivers(make_relay):
     async with FakeSmtp("127.0.0.3") as sink:
         sink.fail("MAIL", "421 4.3.2 try later")     # keep the first message queued
-        relay = make_relay(f"engine sink = smtp://127.0.0.3:{sink.port} tls none timeout 10s\n",
-                           args=["--smtp-processes", "2"])
+        relay = two_process_relay(make_relay, sink)
         await relay.astart()
         assert relay.proc is not None
         intake = children(relay.proc.pid)
@@ -151,8 +155,7 @@ async def test_killing_the_relay_kills_its_intake_processes_and_a_restart_delive
 
 async def test_a_dead_intake_process_stops_the_relay_for_its_supervisor(make_relay):
     async with FakeSmtp("127.0.0.3") as sink:
-        relay = make_relay(f"engine sink = smtp://127.0.0.3:{sink.port} tls none timeout 10s\n",
-                           args=["--smtp-processes", "2"])
+        relay = two_process_relay(make_relay, sink)
         await relay.astart()
         assert relay.proc is not None
         victim, survivor = children(relay.proc.pid)
@@ -188,9 +191,8 @@ def test_smtp_processes_must_be_a_small_number(make_relay):
 async def test_the_queue_limit_holds_when_the_intake_runs_in_its_own_processes(make_relay):
     async with FakeSmtp("127.0.0.3") as sink:
         sink.fail("MAIL", "451 4.3.0 not now")      # every message stays queued
-        relay = make_relay(f"engine sink = smtp://127.0.0.3:{sink.port} tls none timeout 10s\n",
-                           min_backoff="1h", max_backoff="2h",
-                           args=["--smtp-processes", "2", "--max-queue-messages", "2"])
+        relay = two_process_relay(make_relay, sink, "--max-queue-messages", "2",
+                                  min_backoff="1h", max_backoff="2h")
         await relay.astart()
         for i in range(2):
             await send(relay, "a@home.test", ["sink@example.net"],
