@@ -17,11 +17,11 @@ rename):
     corrupt/          quarantine for torn or unparseable files (never silently deleted)
     control/          requests from `routedsl queue` (NAME.req) and the relay's answers (NAME.res)
 
-The relay's own commits (`accept`) rename into msg/ before the file's fsync: on a
-journalling file system that fsync then commits the rename too, and the group fsync of
-msg/ that follows is nearly free. A message is acknowledged only after both, so a crash
-in between leaves a message nobody was told about: whole (delivered, at worst a
-duplicate) or torn (quarantined at start-up). The first delivery attempt of a message just
+The relay's own commits (`accept`) rename into msg/ before any fsync, then fsync the file
+and (group-committed for the messages that arrive together) msg/ at the same time: on a
+journalling file system both wait for the same journal commit. A message is acknowledged
+only after both, so a crash in between leaves a message nobody was told about: whole
+(delivered, at worst a duplicate) or torn (quarantined at start-up). The first delivery attempt of a message just
 accepted uses the bytes still in memory (bounded); later attempts read the file.
 
 The envelope line carries the data's size and SHA-256, so a torn or altered message is
@@ -534,14 +534,13 @@ class Spool:
     # -- committing messages
 
     def _write_committed(self, sender: str, recipients: Iterable[str], data: bytes,
-                         smtputf8: bool, kind: str, *, rename_first: bool = False) -> QueuedMessage:
-        """Write the message into tmp/ and rename it into msg/ (the folder is not fsynced).
+                         smtputf8: bool, kind: str, *, sync: bool = True) -> QueuedMessage:
+        """Write the message into tmp/, fsync it (unless `sync` is False: the caller then
+        fsyncs it in msg/) and rename it into msg/; the folder is not fsynced here.
 
-        With `rename_first` the file is renamed before its fsync (then done here too), so
-        the file's fsync also commits the rename on a journalling file system and the
-        folder's fsync that follows finds little left to do. Either way the caller
-        acknowledges only after the folder fsync; a crash before it leaves a message that
-        was never acknowledged (whole, or torn and quarantined at start-up).
+        The caller acknowledges only after the file's and the folder's fsync; a crash before
+        leaves a message that was never acknowledged (whole, or torn and quarantined at
+        start-up).
         """
         if kind not in KINDS:
             raise ValueError(f"unknown message kind {kind!r}")
@@ -552,18 +551,12 @@ class Spool:
                             size=len(data), arrival=time.time(), smtputf8=smtputf8, kind=kind)
         line = _envelope_line(msg, hashlib.sha256(data).hexdigest())
         tmp = self.tmp_dir / msg.id
-        _write_file(tmp, (line, data), sync=not rename_first)
+        _write_file(tmp, (line, data), sync=sync)
         try:
             os.replace(tmp, self.msg_dir / msg.id)
         except BaseException:
             _unlink_quietly(tmp)
             raise
-        if rename_first:
-            try:
-                _fsync_path(self.msg_dir / msg.id)
-            except BaseException:
-                _unlink_quietly(self.msg_dir / msg.id)
-                raise
         return msg
 
     def put(self, sender: str, recipients: Iterable[str], data: bytes, *,
@@ -596,11 +589,14 @@ class Spool:
 
     async def _accept(self, sender: str, recipients: tuple[str, ...], data: bytes,
                       smtputf8: bool, kind: str) -> QueuedMessage:
+        # Written and renamed first, then the file's fsync and the (group-committed) folder
+        # fsync at the same time: on a journalling file system both wait for the same
+        # journal commit, so a message waits for one commit instead of two in a row.
         msg = await self._run(functools.partial(
-            self._write_committed, sender, recipients, data, smtputf8, kind, rename_first=True))
+            self._write_committed, sender, recipients, data, smtputf8, kind, sync=False))
         assert self._msg_sync is not None
         try:
-            await self._msg_sync.sync()
+            await asyncio.gather(self._run(_fsync_path, self.msg_dir / msg.id), self._msg_sync.sync())
         except OSError:
             await self._run(self._rollback, msg.id)
             raise
