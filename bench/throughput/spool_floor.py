@@ -4,7 +4,8 @@
 
 C writers each commit messages one after another, as C SMTP sessions would (each waits
 for its own 250); reported: commits per second and p50/p99 commit latency, first for
-server.queue.Spool.accept (file fsync, then a group-committed folder fsync), then for a
+server.queue.Spool.accept (since 2026-11-29 afternoon: rename, then the file fsync and a
+group-committed folder fsync at the same time), then for a
 bare write + fsync + rename in the same thread pool (no folder fsync), to show what the
 second sync costs, and for the overlapped order (write, rename, then the file fsync and the
 group-committed folder fsync at the same time). Runs under uvloop when installed, in a scratch folder it removes.
@@ -56,7 +57,7 @@ async def main_async(args: argparse.Namespace) -> None:
         try:
             async def accept(w: int, i: int) -> None:
                 await spool.accept("from@source.test", ["to@sink.test"], data)
-            report("Spool.accept (2 fsyncs, grouped dir)", *await commit_loop(args.messages, args.writers, accept))
+            report("Spool.accept (file || grouped dir)", *await commit_loop(args.messages, args.writers, accept))
         finally:
             spool.close()
 
