@@ -355,9 +355,13 @@ class IntakeProcesses:
         self._usage = asyncio.create_task(self._send_usage(spool))
 
     async def watch(self) -> None:
-        """Returns when a child has ended (the relay then stops, unless it is stopping)."""
+        """Returns (or raises) when a child has ended or its records cannot be read: the
+        relay then stops, unless it is stopping already."""
         if self._tasks:
-            await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()   # type: ignore[misc]
         for child in self.children:
             if child.exit_code is not None and not self._stopping:
                 log.error("SMTP intake process %d ended with exit code %d", child.pid, child.exit_code)
@@ -399,7 +403,10 @@ class IntakeProcesses:
             if self._tasks:
                 child.send(b"stop\n")
             else:   # never started: the child still waits for `go`
-                child.channel.sendall(b"stop\n")
+                try:
+                    child.channel.sendall(b"stop\n")
+                except OSError:
+                    pass   # already gone
         if not self._tasks:
             self._tasks = [asyncio.create_task(_reap(c)) for c in self.children]
         done, pending = await asyncio.wait(self._tasks, timeout=timeout)
