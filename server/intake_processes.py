@@ -5,10 +5,14 @@ relay's CPU. With N > 0 they run in N forked processes; the relay's own process 
 everything else (the spool's lock and index, scheduler, engines, reload, metrics).
 This module owns:
 
-  * start-up, `fork_intake` (called before any event loop or thread exists): each listen
-    address is bound once per process with SO_REUSEPORT, so the kernel spreads new
-    connections over the processes; then fork. A child waits for the word `go`, which
-    the relay sends only once its spool is locked and recovered and its scheduler runs.
+  * start-up, `fork_intake` (called before any event loop or thread exists): the listen
+    addresses are bound, then the children forked; they share the listening sockets. A
+    child waits for the word `go`, which the relay sends only once its spool is locked and
+    recovered and its scheduler runs.
+  * spreading the connections (`_FairAcceptor`): a child accepts only while it holds no
+    more connections than the least loaded child plus one (or once it has waited
+    FAIR_WAIT for the others), so long-lived sessions spread evenly; SO_REUSEPORT's hash
+    put 14 of 20 on one process.
   * the child (`_Child`): the same hardened listener and `Intake` as in-process intake,
     over a commit-only spool (`Spool.open_for_intake`) that hands each message, once it
     is durable and before its `250`, to the relay's process: one record on a socket pair.
@@ -52,10 +56,11 @@ log = logging.getLogger("routedsl.intake")
 
 HANDOVER_DATA_LIMIT = 1024 * 1024   # larger messages are read from the spool by their first attempt
 USAGE_INTERVAL = 1.0                # seconds between queue-size updates to the children
+FAIR_WAIT = 0.05                    # longest a child leaves new connections to less loaded ones
 _RECORD_LIMIT = 64 * 1024 * 1024    # longest record line (an envelope with many recipients)
 _PR_SET_PDEATHSIG = 1
 
-Listeners = tuple[list[socket.socket], list[socket.socket]]   # one child's: plain, implicit TLS
+Listeners = tuple[list[socket.socket], list[socket.socket]]   # plain, implicit TLS
 
 
 # ---------------------------------------------------------------- records
@@ -88,18 +93,23 @@ class SharedConnectionGate:
 
     A client IP is counted in one of BUCKETS counters chosen by a stable hash (crc32): two
     clients share a counter only on a collision, which can only make the limit stricter for
-    them, never looser. A process that dies takes its counts with it only by stopping the
-    relay, which a dead intake process does.
+    them, never looser. Each process's own open connections are counted too (`me`, set in
+    the child), for `_FairAcceptor`. A process that dies takes its counts with it only by
+    stopping the relay, which a dead intake process does.
     """
     BUCKETS = 1 << 16
 
-    def __init__(self, max_total: int, max_per_ip: int) -> None:
+    def __init__(self, max_total: int, max_per_ip: int, processes: int = 1) -> None:
         import mmap
         import multiprocessing
         self.max_total = max_total
         self.max_per_ip = max_per_ip
-        self._memory = mmap.mmap(-1, 4 * (1 + self.BUCKETS))   # MAP_SHARED | MAP_ANONYMOUS
-        self._counts = memoryview(self._memory).cast("i")      # [0]: total; [1 + bucket]: per IP
+        self.processes = processes
+        self.me = 0
+        self._memory = mmap.mmap(-1, 4 * (1 + self.BUCKETS + processes))   # MAP_SHARED | MAP_ANONYMOUS
+        # [0]: total; [1 + bucket]: per IP; [1 + BUCKETS + process]: per intake process
+        self._counts = memoryview(self._memory).cast("i")
+        self._own = 1 + self.BUCKETS
         self._lock = multiprocessing.get_context("fork").Lock()
 
     def _bucket(self, ip: str) -> int:
@@ -119,6 +129,7 @@ class SharedConnectionGate:
                 return "421 4.7.0 Too many connections from your address; try again later"
             counts[0] += 1
             counts[bucket] += 1
+            counts[self._own + self.me] += 1
         return None
 
     def release(self, ip: str) -> None:
@@ -126,42 +137,95 @@ class SharedConnectionGate:
         with self._lock:
             counts[0] -= 1
             counts[bucket] -= 1
+            counts[self._own + self.me] -= 1
+
+    def my_turn(self) -> bool:
+        """True while this process holds no more connections than the least loaded one + 1."""
+        own = self._counts[self._own:self._own + self.processes]
+        return own[self.me] <= min(own) + 1
+
+
+class _FairAcceptor:
+    """Accepts on a listening socket shared with the other intake processes, in turn with
+    them (`SharedConnectionGate.my_turn`), and starts a session on each connection; stands
+    where an asyncio Server would (`close()`, `sockets`)."""
+
+    def __init__(self, gate: SharedConnectionGate, factory: Callable[[], asyncio.Protocol], *,
+                 sock: socket.socket, ssl: Any = None, ssl_handshake_timeout: Optional[float] = None) -> None:
+        self.sockets = [sock]
+        self._gate = gate
+        self._factory = factory
+        self._ssl = ssl
+        self._handshake_timeout = ssl_handshake_timeout
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        sock = self.sockets[0]
+        while True:
+            waited = 0.0
+            while not self._gate.my_turn() and waited < FAIR_WAIT:
+                await asyncio.sleep(0.002)   # the others are woken by the same connection
+                waited += 0.002
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as exc:   # e.g. EMFILE: let connections wait rather than spin
+                log.error("accepting a connection failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            if self._ssl is None:
+                await self._start(conn)
+            else:   # the TLS handshake must not hold up the next accept
+                loop.create_task(self._start(conn))
+
+    async def _start(self, conn: socket.socket) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                self._factory, conn, ssl=self._ssl, ssl_handshake_timeout=self._handshake_timeout)
+        except Exception as exc:   # a client gone at once, a failed handshake: its own problem
+            log.debug("connection not started: %s", exc)
+            conn.close()
+
+    def close(self) -> None:
+        self._task.cancel()
+
+    @classmethod
+    def server_maker(cls, gate: SharedConnectionGate) -> Callable[..., Any]:
+        """`loop.create_server`'s stand-in for `start_listeners(serve=...)`."""
+        async def create(factory: Callable[[], asyncio.Protocol], **kwargs: Any) -> "_FairAcceptor":
+            return cls(gate, factory, **kwargs)
+        return create
 
 
 # ---------------------------------------------------------------- start-up (before any loop)
 
-def _bind(address: Optional[Address], count: int) -> list[list[socket.socket]]:
-    """For each of `count` children, listening sockets on every address `address` names
-    (as create_server binds them: `localhost` is 127.0.0.1 and ::1), each shared by the
-    children through SO_REUSEPORT. None: no sockets."""
-    per_child: list[list[socket.socket]] = [[] for _ in range(count)]
+def _bind(address: Optional[Address]) -> list[socket.socket]:
+    """Listening sockets on every address `address` names, as create_server binds them
+    (`localhost` may be 127.0.0.1 and ::1). None: no sockets."""
     if address is None:
-        return per_child
+        return []
     infos = dict.fromkeys((family, kind, proto, where) for family, kind, proto, _, where in socket.getaddrinfo(
         address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE))
+    socks: list[socket.socket] = []
     try:
         for family, kind, proto, where in infos:
-            for socks in per_child:
-                sock = socket.socket(family, kind, proto)
-                socks.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind(where)
-                where = sock.getsockname()   # port 0: the others join the port the first one got
-                sock.listen(100)
-                sock.setblocking(False)
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(where)
+            sock.listen(100)
+            sock.setblocking(False)
     except BaseException:
-        _close(per_child)
+        _close(socks)
         raise
-    return per_child
+    return socks
 
 
-def _close(per_child: list[list[socket.socket]]) -> None:
-    for socks in per_child:
-        for sock in socks:
-            sock.close()
+def _close(socks: list[socket.socket]) -> None:
+    for sock in socks:
+        sock.close()
 
 
 def fork_intake(config: ServeConfig) -> "IntakeProcesses":
@@ -182,14 +246,14 @@ def fork_intake(config: ServeConfig) -> "IntakeProcesses":
             raise ListenerError(str(exc)) from None
     count = config.smtp_processes
     limits = config.limits or Limits()
-    gate = SharedConnectionGate(limits.max_connections, limits.max_connections_per_ip)
-    plain = _bind(config.listen, count)
+    gate = SharedConnectionGate(limits.max_connections, limits.max_connections_per_ip, count)
+    plain = _bind(config.listen)
     try:
-        implicit = _bind(config.listen_tls, count)
+        implicit = _bind(config.listen_tls)
     except BaseException:
         _close(plain)
         raise
-    addresses = [Address(*s.getsockname()[:2]) for s in (*plain[0], *implicit[0])]
+    addresses = [Address(*s.getsockname()[:2]) for s in (*plain, *implicit)]
     # What the children run is imported now, so its pages stay shared after the fork.
     import server.intake  # noqa: F401
     import server.smtp  # noqa: F401
@@ -204,11 +268,10 @@ def fork_intake(config: ServeConfig) -> "IntakeProcesses":
         for i in range(count):
             ours, theirs = socket.socketpair()
             pid = os.fork()
-            if pid == 0:   # the child: keep its own listeners and its end of the pair only
-                _close([s for j, s in enumerate([*plain, *implicit]) if j not in (i, count + i)])
-                for other in [*(c.channel for c in children), ours]:
-                    other.close()
-                _child_main(config, (plain[i], implicit[i]), tls_context, gate, theirs, parent)
+            if pid == 0:   # the child: the listeners and its own end of the pair only
+                _close([*(c.channel for c in children), ours])
+                gate.me = i
+                _child_main(config, (plain, implicit), tls_context, gate, theirs, parent)
             theirs.close()
             children.append(_ChildProcess(pid, ours))
     except BaseException:
@@ -217,7 +280,7 @@ def fork_intake(config: ServeConfig) -> "IntakeProcesses":
         raise
     finally:
         gc.unfreeze()
-        _close([*plain, *implicit])   # the children have them
+        _close([*plain, *implicit])   # the children listen
     return IntakeProcesses(children, addresses)
 
 
@@ -278,7 +341,8 @@ class _Child:
                               data_budget=DataBudget(limits.max_data_memory))
         servers = await start_listeners(handler, dataclasses.replace(cfg, limits=limits),
                                         sockets=self.listeners, tls_context=self.tls_context,
-                                        state=state, queue_usage=lambda: self.usage)
+                                        state=state, queue_usage=lambda: self.usage,
+                                        serve=_FairAcceptor.server_maker(self.gate))
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         listening = asyncio.create_task(self._listen(reader, handler, stop))

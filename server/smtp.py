@@ -877,6 +877,7 @@ async def start_listeners(handler: Any, config: Any, *,
                           state: Optional[ListenerState] = None,
                           queue_usage: Optional[Callable[[], tuple[int, int]]] = None,
                           sockets: Optional[tuple[list[socket.socket], list[socket.socket]]] = None,
+                          serve: Optional[Callable[..., Any]] = None,
                           ) -> list[asyncio.Server]:
     """Start the SMTP listeners described by `config` (a ServeConfig or anything with its fields):
 
@@ -889,7 +890,9 @@ async def start_listeners(handler: Any, config: Any, *,
     `queue_usage() -> (messages, bytes)` feeds the queue limits; by default it is read from
     `handler.spool` when that has `len()` and `total_bytes` (server.queue.Spool does).
     `sockets` = (plain, implicit TLS): listen on these already bound sockets (an SMTP intake
-    process, server/intake_processes.py) instead of binding `listen`/`listen_tls`.
+    process, server/intake_processes.py) instead of binding `listen`/`listen_tls`; `serve`
+    replaces `loop.create_server` (same arguments; returns an object with `close()` and
+    `sockets`).
     Raises ListenerError for an unusable configuration, OSError when a port is taken.
     """
     from server.users import UserStore
@@ -924,14 +927,15 @@ async def start_listeners(handler: Any, config: Any, *,
             tls_context=tls_context, implicit_tls=implicit,
             free_space=free_space, queue_usage=queue_usage, loop=loop)
 
+    create = serve or loop.create_server
     servers: list[asyncio.Server] = []
     try:
         plain, implicit = sockets or ([], [])
         for where in _binds(config.listen, plain):
-            servers.append(await loop.create_server(factory(False), **where))
+            servers.append(await create(factory(False), **where))
         if listen_tls is not None:
             for where in _binds(listen_tls, implicit):
-                servers.append(await loop.create_server(
+                servers.append(await create(
                     factory(True), ssl=tls_context, ssl_handshake_timeout=min(30.0, limits.idle_timeout),
                     **where))
     except BaseException:

@@ -211,3 +211,48 @@ async def test_the_queue_limit_holds_when_the_intake_runs_in_its_own_processes(m
             assert asyncio.get_running_loop().time() < deadline, relay.log
         assert "queue full" in relay.log
         await relay.astop()
+
+
+def connections_held_by(pid: int, port: int) -> int:
+    """Established TCP connections on local `port` whose socket `pid` holds open."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":   # ESTABLISHED
+                inodes.add(fields[9])
+    held = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            held += 1
+    return held
+
+
+async def test_long_lived_sessions_are_spread_evenly_over_the_intake_processes(make_relay):
+    relay = make_relay("engine sink = smtp://127.0.0.3:9 tls none\n", args=["--smtp-processes", "2"])
+    await relay.astart()
+    assert relay.address is not None and relay.proc is not None
+    held: list[socket.socket] = []
+
+    def connect() -> None:
+        sock = socket.create_connection(relay.address, timeout=10)
+        held.append(sock)
+        assert sock.makefile("rb").readline().startswith(b"220")
+
+    try:
+        for _ in range(20):
+            await asyncio.to_thread(connect)
+        shares = sorted(connections_held_by(pid, relay.address[1]) for pid in children(relay.proc.pid))
+    finally:
+        for sock in held:
+            sock.close()
+        await relay.astop()
+    assert sum(shares) == 20 and shares[0] >= 9, shares   # not 14 of 20 on one, as a port hash did
