@@ -343,6 +343,7 @@ class _Child:
                                         sockets=self.listeners, tls_context=self.tls_context,
                                         state=state, queue_usage=lambda: self.usage,
                                         serve=_FairAcceptor.server_maker(self.gate))
+        gc.freeze()   # as the relay's process does after start-up (server/app.py serve)
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         listening = asyncio.create_task(self._listen(reader, handler, stop))
