@@ -806,6 +806,22 @@ class RelaySMTP(SMTP):
             return b"", "552 5.3.4 Message size exceeds fixed maximum message size"
         return b"".join(lines), None
 
+    # -- the end ---------------------------------------------------------------------------
+    @syntax("QUIT")
+    async def smtp_QUIT(self, arg: Optional[str]) -> None:
+        if arg:
+            await self.push("501 Syntax: QUIT")
+            return
+        status = await self._call_handler_hook("QUIT")
+        await self.push("221 Bye" if status is MISSING else status)
+        # aiosmtpd's QUIT cancels the session's own task, so every connection ends with a
+        # CancelledError through the command loop (and the traceback and frames it keeps,
+        # for the garbage collector). Without a transport the loop simply ends; the
+        # connection closes the same way and nothing after QUIT is read.
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+
     # -- no address disclosure --------------------------------------------------------------
     @syntax("VRFY <address>")
     async def smtp_VRFY(self, arg: Optional[str]) -> None:

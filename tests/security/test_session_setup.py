@@ -19,7 +19,7 @@ from server.access import RelayAccess
 from server.intake import Intake
 from server.limits import Limits
 from server.smtp import AuthLimiter, ConnectionGate, DataBudget, RelaySMTP, spool_free_space
-from tests.security.harness import Client, code
+from tests.security.harness import Client, code, until
 
 
 class _ByAiosmtpd(RelaySMTP):
@@ -138,3 +138,17 @@ def test_a_fresh_reading_is_there_for_a_refusal(tmp_path: Path, monkeypatch) -> 
     assert free() == 10              # the kept reading
     assert free.fresh() == 90        # read now (what MAIL asks before it refuses)
     assert free() == 90
+
+
+async def test_quit_answers_221_closes_and_reads_nothing_more(relays):
+    relay = await relays()
+    client = await Client.connect(relay.port)
+    await client.cmd(b"EHLO c.test")
+    await client.cmd(b"MAIL FROM:<a@x.test>")
+    await client.send(b"QUIT\r\nRCPT TO:<b@y.test>\r\nNOOP\r\n")   # pipelined after QUIT
+    assert code(await client.reply()) == "221"
+    assert await asyncio.wait_for(client.reader.read(), 10) == b""   # then the end, no reply more
+    await until(lambda: relay.state.gate.total == 0, what="the connection's slot given back")
+    sessions = [s for s in _sessions()]
+    assert sessions == []   # no session left with a transport
+    await client.close()
