@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import logging
 import shutil
 import ssl
 import time
+from collections.abc import Awaitable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-import inspect
-from collections.abc import Awaitable, Iterator, Mapping
 from typing import Any, Callable, Optional
 
 import aiosmtpd.smtp as aiosmtpd_smtp
