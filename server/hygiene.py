@@ -53,16 +53,17 @@ class Path:
 
 # --- EHLO / HELO ---------------------------------------------------------------------
 
-def _bad_char(ch: str) -> bool:
-    o = ord(ch)
-    return o < 0x20 or o == 0x7F or 0x80 <= o < 0xA0 or 0xD800 <= o <= 0xDFFF
+# Controls (C0, DEL, C1) and lone surrogates (bytes that were not UTF-8): one regex scan
+# instead of a Python test per character.
+_BAD_CHAR = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def check_helo(name: Optional[str]) -> Optional[Refusal]:
     """None when `name` is acceptable as an EHLO/HELO argument: one word, no controls, <= 255 octets."""
     if not name:
         return Refusal(501, "5.5.4", "Syntax: EHLO hostname")
-    if any(_bad_char(c) or c.isspace() for c in name):
+    if _BAD_CHAR.search(name) or any(c.isspace() for c in name):
         return Refusal(501, "5.5.2", "Invalid EHLO hostname (control characters or spaces)")
     if len(name.encode("utf-8", "surrogateescape")) > 255:
         return Refusal(501, "5.5.2", "Invalid EHLO hostname (longer than 255 octets)")
@@ -72,6 +73,8 @@ def check_helo(name: Optional[str]) -> Optional[Refusal]:
 # --- envelope addresses --------------------------------------------------------------
 
 _ATEXT = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~")
+# An ASCII character that is neither atext nor '.' (non-ASCII is allowed: RFC 6531).
+_LOCAL_ASCII_BAD = re.compile("[^" + re.escape("".join(sorted(_ATEXT)) + ".") + "\x80-\U0010ffff]")
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 _LITERAL = re.compile(r"\[(?:\d{1,3}(?:\.\d{1,3}){3}|IPv6:[0-9A-Fa-f:.]{2,45})\]\Z")
 _PARAM = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*(?:=[\x21-\x3C\x3E-\x7E]+)?\Z")
@@ -102,7 +105,7 @@ def _valid_local(local: str) -> bool:
         return not body.endswith("\\") or body.endswith("\\\\")
     if not local or local.startswith(".") or local.endswith(".") or ".." in local:
         return False
-    return all(c in _ATEXT or c == "." or ord(c) > 0x7F for c in local)
+    return _LOCAL_ASCII_BAD.search(local) is None
 
 
 def _valid_domain(domain: str) -> bool:
@@ -111,7 +114,7 @@ def _valid_domain(domain: str) -> bool:
     if not domain or len(domain) > 255:
         return False
     for label in domain.split("."):
-        if any(ord(c) > 0x7F for c in label):
+        if not label.isascii():
             # A U-label (SMTPUTF8): letters of any script, no ASCII punctuation but '-'.
             if not label or len(label) > 63 or label[0] == "-" or label[-1] == "-":
                 return False
@@ -152,8 +155,8 @@ def parse_path(arg: Optional[str], *, role: Role, smtputf8: bool) -> Union[Path,
     code = _codes(role)
     keyword = "MAIL FROM:<address>" if role == "sender" else "RCPT TO:<address>"
     text = (arg or "").strip(" ")
-    if any(_bad_char(c) for c in text):
-        surrogate = any(0xD800 <= ord(c) <= 0xDFFF for c in text)
+    if _BAD_CHAR.search(text):
+        surrogate = _SURROGATE.search(text) is not None
         why = "not valid UTF-8" if surrogate else "control characters"
         return Refusal(501, code, f"Error: address or parameters contain {why}")
     if not text.startswith("<"):
@@ -179,7 +182,7 @@ def parse_path(arg: Optional[str], *, role: Role, smtputf8: bool) -> Union[Path,
     for p in params:
         if not _PARAM.match(p):
             return Refusal(501, "5.5.4", "Syntax error in parameters")
-    non_ascii = any(ord(c) > 0x7F for c in inner)
+    non_ascii = not inner.isascii()
     if non_ascii and not smtputf8:
         return Refusal(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address")
     if inner.startswith("@"):
@@ -225,8 +228,9 @@ _RECEIVED = re.compile(rb"received[ \t]*:", re.IGNORECASE)
 
 def normalise_line_ends(data: bytes) -> bytes:
     """Every bare CR and bare LF becomes CRLF (the rule aiosmtplib applies on output)."""
-    if b"\r" not in data and b"\n" not in data:
-        return data
+    crlf = data.count(b"\r\n")
+    if data.count(b"\r") == crlf and data.count(b"\n") == crlf:
+        return data   # every CR is in a CRLF and so is every LF: nothing to change (the usual case)
     return _LINE_ENDS.sub(b"\r\n", data)
 
 

@@ -385,6 +385,10 @@ class Scheduler:
 
     async def _record_step(self, msg: QueuedMessage, outcomes: dict[str, "Outcome"],
                            skip_write: bool) -> None:
+        if skip_write:
+            # everything delivered in the only group: the finish that follows records it,
+            # and nothing reads this step's state (building it cost ~10 us a message)
+            return
         async with self._locks[msg.id]:
             cur = self.spool.state(msg.id)
             changed = []
@@ -393,12 +397,12 @@ class Scheduler:
                 if o.delivered:
                     rs = dataclasses.replace(rs, status="delivered")
                 changed.append(rs)
-            new = cur.update(changed)
-            if skip_write:
-                return
-            await self.spool.record(new)
+            await self.spool.record(cur.update(changed))
 
     async def _conclude(self, msg: QueuedMessage, data: bytes, results: list[_Walk]) -> None:
+        if all(w.delivered for w in results):
+            await self.spool.finish(msg.id)   # the usual case: nothing failed, nothing waits
+            return
         now = self._clock()
         cfg = self.config
         state = self.spool.state(msg.id)
