@@ -298,8 +298,15 @@ def _child_main(config: ServeConfig, listeners: Listeners, tls_context: Any,
         # the whole process group, and a child must not stop on its own.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        from server.app import run_loop
-        code = run_loop(_Child(config, listeners, tls_context, gate, channel).run())
+        from server.app import log_from_thread, run_loop
+
+        async def child() -> int:
+            stop_logging = log_from_thread()
+            try:
+                return await _Child(config, listeners, tls_context, gate, channel).run()
+            finally:
+                stop_logging()
+        code = run_loop(child())
     except BaseException:
         log.exception("SMTP intake process failed")
     finally:
