@@ -663,6 +663,13 @@ class Spool:
         await self._state_sync.sync()
         self._states[state.id] = state
 
+    def note(self, state: MessageState) -> None:
+        """Replace a message's state in memory only: for a step that changed nothing a crash
+        must remember (temporary failures only); the next `record` writes it with the rest."""
+        if state.id not in self._messages:
+            raise KeyError(state.id)
+        self._states[state.id] = state
+
     def set_schedule(self, qid: str, next_attempt: float) -> None:
         """Change when a message is next due, in memory only (the relay's `retry`)."""
         self._states[qid] = dataclasses.replace(self.state(qid), next_attempt=next_attempt)

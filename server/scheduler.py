@@ -397,7 +397,14 @@ class Scheduler:
                 if o.delivered:
                     rs = dataclasses.replace(rs, status="delivered")
                 changed.append(rs)
-            await self.spool.record(cur.update(changed))
+            if any(o.delivered or o.final for o in outcomes.values()):
+                await self.spool.record(cur.update(changed))
+            else:
+                # Temporary failures only: after a crash the message is simply tried again
+                # from its last durable state, so this step needs no fsync of its own; the
+                # deferral (or the finish) that ends the attempt writes it with the rest.
+                # With a dead first engine that is one durable write less per message.
+                self.spool.note(cur.update(changed))
 
     async def _conclude(self, msg: QueuedMessage, data: bytes, results: list[_Walk]) -> None:
         if all(w.delivered for w in results):

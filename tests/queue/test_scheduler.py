@@ -351,3 +351,24 @@ async def test_partial_acceptance_delivers_retries_and_bounces_each_recipient_on
         assert len(home.messages) == 1
         blocks = dsn_blocks(bounces[0])
         assert [b["Final-Recipient"] for b in blocks[1:]] == ["rfc822; r3@ok.test"]
+
+
+async def test_a_step_with_only_temporary_failures_is_kept_with_the_deferral(tmp_path: Path) -> None:
+    # engine 1 is down, engine 2 answers 451: no step is written on its own, yet the deferral
+    # that ends the attempt leaves both engines' replies on disk (what `routedsl queue` shows)
+    down = unused_port()
+    async with FakeSmtp() as sink:
+        sink.fail("MAIL", "451 4.3.0 try again later")
+        engines = {"down": smarthost("down", down, CTX), "isp": smarthost("isp", sink.port, CTX)}
+        table = Table(("isp",), {"ok.test": ("down", "isp")})
+        async with running(tmp_path, table, engines) as (sched, spool):
+            writes = []
+            real = spool._write_state_file
+            spool._write_state_file = lambda state: (writes.append(state), real(state))[1]
+            msg = await spool.accept("alice@home.test", ["bob@ok.test"], MESSAGE)
+            sched.wake(msg)
+            state_file = spool.state_dir / f"{msg.id}.json"
+            await until(state_file.exists, what="the deferral's state file")
+            text = state_file.read_text()
+    assert len(writes) == 1 and writes[0].attempts == 1
+    assert '"down"' in text and "451 4.3.0" in text
