@@ -35,7 +35,9 @@ def run_child(root: Path, point: str, k: int, count: int, mode: str) -> list[tup
     ("accept", "before_filesync"),
 ])
 def test_nothing_acknowledged_is_lost_nothing_torn_is_live(tmp_path: Path, point: str, mode: str) -> None:
-    k = 7
+    # accept commits in batches of 10 sharing their folder fsyncs: a batch may need only one,
+    # so of 30 messages only the third folder fsync is sure to come
+    k = 3 if (mode, point) == ("accept", "before_dirsync") else 7
     acks = run_child(tmp_path, point, k, 30, mode)
     if mode == "put":
         assert len(acks) == (k if point == "after_ack" else k - 1)
