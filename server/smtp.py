@@ -985,6 +985,26 @@ def make_tls_context(cert: str | Path, key: str | Path) -> ssl.SSLContext:
     return context
 
 
+def listener_security(config: Any, tls_context: Optional[ssl.SSLContext] = None) -> tuple[Optional[ssl.SSLContext], Any]:
+    """The server TLS context (`tls_context`, else one from `tls_cert`/`tls_key`) and the
+    users (`users`: a path, or any object with verify(login, password) -> bool) that
+    `config` asks for. ListenerError when a PEM file or the users file cannot be used, or
+    `listen_tls` has no certificate."""
+    from server.users import UserStore, UsersError
+
+    users_path = getattr(config, "users", None)
+    try:
+        users = users_path if hasattr(users_path, "verify") else UserStore(users_path) if users_path else None
+    except UsersError as exc:
+        raise ListenerError(str(exc)) from None
+    cert, key = getattr(config, "tls_cert", None), getattr(config, "tls_key", None)
+    if tls_context is None and cert and key:
+        tls_context = make_tls_context(cert, key)
+    if getattr(config, "listen_tls", None) is not None and tls_context is None:
+        raise ListenerError("--listen-tls needs --tls-cert and --tls-key")
+    return tls_context, users
+
+
 def _binds(address: Any, socks: list[socket.socket]) -> list[dict[str, Any]]:
     """create_server's arguments: one server per given bound socket, or one for the address."""
     if socks:
@@ -1053,19 +1073,10 @@ async def start_listeners(handler: Any, config: Any, *,
     `sockets`).
     Raises ListenerError for an unusable configuration, OSError when a port is taken.
     """
-    from server.users import UserStore
-
     limits = getattr(config, "limits", None) or Limits()
     access = RelayAccess.from_cidrs(getattr(config, "relay_networks", ()) or ())
-    users_path = getattr(config, "users", None)
-    # A path, or (tests, embedding) any object with verify(login, password) -> bool.
-    users = users_path if hasattr(users_path, "verify") else UserStore(users_path) if users_path else None
-    cert, key = getattr(config, "tls_cert", None), getattr(config, "tls_key", None)
-    if tls_context is None and cert and key:
-        tls_context = make_tls_context(cert, key)
+    tls_context, users = listener_security(config, tls_context)
     listen_tls = getattr(config, "listen_tls", None)
-    if listen_tls is not None and tls_context is None:
-        raise ListenerError("--listen-tls needs --tls-cert and --tls-key")
     if users is not None and tls_context is None:
         log.warning("--users without --tls-cert/--tls-key: AUTH is only offered over TLS, so nobody can log in")
     if free_space is None and getattr(config, "spool", None) is not None:

@@ -11,6 +11,7 @@ import pytest
 
 from tests.e2e.conftest import message, send
 from tests.support.fake_smtp import FakeSmtp
+from tests.support import certs
 from tests.support.poll import until
 from tests.support.relay import RelayExited
 
@@ -191,3 +192,15 @@ async def test_a_client_that_connects_and_leaves_at_once_holds_no_connection_slo
     finally:
         await relay.astop()
     assert "Traceback" not in relay.log
+
+
+@pytest.mark.parametrize("processes", ["0", "2"])
+def test_a_malformed_users_file_is_refused_with_its_line(tmp_path, processes):
+    users = tmp_path / "users"
+    users.write_text("alice:$scrypt$ok\nnot a user line\n")
+    cert, key = certs.cert_files()
+    done = serve(tmp_path, "engine sink = smtp://127.0.0.3:9 tls none\n", "--users", str(users),
+                 "--tls-cert", cert, "--tls-key", key, "--smtp-processes", processes)
+    assert done.returncode == 1
+    assert f"{users}:2: expected 'login:hash'" in done.stderr
+    assert "Traceback" not in done.stderr
