@@ -39,7 +39,6 @@ import asyncio
 import ctypes
 import dataclasses
 import gc
-import json
 import logging
 import os
 import signal
@@ -50,7 +49,7 @@ from typing import Any, Callable, NoReturn, Optional
 
 from server.config import Address, ServeConfig
 from server.limits import Limits
-from server.queue import QueuedMessage
+from server.queue import QueuedMessage, envelope_line, parse_envelope
 
 log = logging.getLogger("routedsl.intake")
 
@@ -66,16 +65,14 @@ Listeners = tuple[list[socket.socket], list[socket.socket]]   # plain, implicit 
 # ---------------------------------------------------------------- records
 
 def _message_record(msg: QueuedMessage, data: bytes) -> bytes:
+    # the spool file's own envelope line; its checksum is the file's business, not the record's
     body = data if len(data) <= HANDOVER_DATA_LIMIT else b""
-    envelope = json.dumps(dataclasses.asdict(msg), ensure_ascii=True, separators=(",", ":"))
-    return b"M %d %s\n%s" % (len(body), envelope.encode("ascii"), body)
+    return b"M %d %s%s" % (len(body), envelope_line(msg, ""), body)
 
 
 def _read_message(line: bytes) -> tuple[QueuedMessage, int]:
-    _, sent, envelope = line.rstrip(b"\n").split(b" ", 2)
-    fields = json.loads(envelope)
-    fields["recipients"] = tuple(fields["recipients"])
-    return QueuedMessage(**fields), int(sent)
+    _, sent, envelope = line.split(b" ", 2)
+    return parse_envelope(envelope)[0], int(sent)
 
 
 def shared_limits(limits: Limits, processes: int, max_size: int) -> Limits:
@@ -232,18 +229,10 @@ def fork_intake(config: ServeConfig) -> "IntakeProcesses":
     """Bind the listen addresses and fork `config.smtp_processes` children that wait for
     `go`. Must run before any event loop or thread exists. Raises ListenerError for an
     unusable TLS or users setting, OSError when an address cannot be bound."""
-    from server.smtp import ListenerError, make_tls_context
-    from server.users import UserStore, UsersError
+    from server.smtp import listener_security
 
     # What a child would find wrong at start-up is found here, once, before any binding.
-    tls_context = make_tls_context(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
-    if config.listen_tls is not None and tls_context is None:
-        raise ListenerError("--listen-tls needs --tls-cert and --tls-key")
-    if config.users is not None:
-        try:
-            UserStore(config.users)
-        except UsersError as exc:
-            raise ListenerError(str(exc)) from None
+    tls_context, _users = listener_security(config)
     count = config.smtp_processes
     limits = config.limits or Limits()
     gate = SharedConnectionGate(limits.max_connections, limits.max_connections_per_ip, count)

@@ -21,8 +21,9 @@ The relay's own commits (`accept`) rename into msg/ before any fsync, then fsync
 and (group-committed for the messages that arrive together) msg/ at the same time: on a
 journalling file system both wait for the same journal commit. A message is acknowledged
 only after both, so a crash in between leaves a message nobody was told about: whole
-(delivered, at worst a duplicate) or torn (quarantined at start-up). The first delivery attempt of a message just
-accepted uses the bytes still in memory (bounded); later attempts read the file.
+(delivered, at worst a duplicate) or torn (quarantined at start-up). The first delivery
+attempt of a message just accepted uses the bytes still in memory (bounded); later
+attempts read the file.
 
 The envelope line carries the data's size and SHA-256, so a torn or altered message is
 detected (at start-up by size, before delivery by checksum) and quarantined. State files
@@ -252,7 +253,7 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _envelope_line(msg: QueuedMessage, digest: str) -> bytes:
+def envelope_line(msg: QueuedMessage, digest: str) -> bytes:
     obj = {"version": FORMAT_VERSION, "id": msg.id, "kind": msg.kind, "sender": msg.sender,
            "recipients": list(msg.recipients), "smtputf8": msg.smtputf8,
            "arrival": msg.arrival, "size": msg.size, "sha256": digest}
@@ -260,7 +261,7 @@ def _envelope_line(msg: QueuedMessage, digest: str) -> bytes:
     return json.dumps(obj, ensure_ascii=True, separators=(",", ":")).encode("ascii") + b"\n"
 
 
-def _parse_envelope(line: bytes) -> tuple[QueuedMessage, str]:
+def parse_envelope(line: bytes) -> tuple[QueuedMessage, str]:
     obj = json.loads(line)
     if not isinstance(obj, dict) or obj.get("version") != FORMAT_VERSION:
         raise ValueError("unsupported message version")
@@ -282,7 +283,7 @@ def read_envelope(path: Path) -> tuple[QueuedMessage, str, int]:
         line = f.readline(_MAX_HEADER_LINE)
         if not line.endswith(b"\n"):
             raise ValueError("envelope line is incomplete")
-        msg, digest = _parse_envelope(line)
+        msg, digest = parse_envelope(line)
         total = os.fstat(f.fileno()).st_size
     if msg.id != path.name:
         raise ValueError(f"envelope id {msg.id} does not match the file name")
@@ -398,8 +399,7 @@ class Spool:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
-        self._executor = ThreadPoolExecutor(self._io_threads, thread_name_prefix="spool-io")
-        self._msg_sync = _GroupSync(self.msg_dir, self._executor)
+        self._start_io()
         self._state_sync = _GroupSync(self.state_dir, self._executor)
         self._recover()
         return self.messages()
@@ -409,9 +409,12 @@ class Spool:
         (server/intake_processes.py): no lock, no recovery, no index; `accept` commits the
         message durably, then calls `hand_over(msg, data)`, which tells the relay's process.
         """
+        self._start_io()
+        self._hand_over = hand_over
+
+    def _start_io(self) -> None:
         self._executor = ThreadPoolExecutor(self._io_threads, thread_name_prefix="spool-io")
         self._msg_sync = _GroupSync(self.msg_dir, self._executor)
-        self._hand_over = hand_over
 
     def close(self) -> None:
         if self._executor is not None:
@@ -514,7 +517,7 @@ class Spool:
         path = self.msg_dir / qid
         with open(path, "rb") as f:
             line = f.readline(_MAX_HEADER_LINE)
-            _msg, digest = _parse_envelope(line)
+            _msg, digest = parse_envelope(line)
             data = f.read()
         if hashlib.sha256(data).hexdigest() != digest:
             self._quarantine(path, "checksum mismatch")
@@ -549,7 +552,7 @@ class Spool:
             raise ValueError("a message needs at least one recipient")
         msg = QueuedMessage(id=new_queue_id(), sender=sender, recipients=rcpts,
                             size=len(data), arrival=time.time(), smtputf8=smtputf8, kind=kind)
-        line = _envelope_line(msg, hashlib.sha256(data).hexdigest())
+        line = envelope_line(msg, hashlib.sha256(data).hexdigest())
         tmp = self.tmp_dir / msg.id
         _write_file(tmp, (line, data), sync=sync)
         try:
