@@ -17,11 +17,12 @@ rename):
     corrupt/          quarantine for torn or unparseable files (never silently deleted)
     control/          requests from `routedsl queue` (NAME.req) and the relay's answers (NAME.res)
 
-The relay's own commits (`accept`) rename into msg/ before any fsync, then fsync the file
-and (group-committed for the messages that arrive together) msg/ at the same time: on a
-journalling file system both wait for the same journal commit. A message is acknowledged
-only after both, so a crash in between leaves a message nobody was told about: whole
-(delivered, at worst a duplicate) or torn (quarantined at start-up). The first delivery
+The relay's own commits (`accept`) write and rename a small message from the event loop
+itself (a few page-cache system calls cost less than a round trip through a thread), then
+one spool thread fsyncs the file and msg/; on a journalling file system the file's fsync
+commits the rename with it, so the folder's finds little left to do. A message is
+acknowledged only after both, so a crash in between leaves a message nobody was told about:
+whole (delivered, at worst a duplicate) or torn (quarantined at start-up). The first delivery
 attempt of a message just accepted uses the bytes still in memory (bounded); later
 attempts read the file.
 
@@ -64,6 +65,7 @@ _MAX_HEADER_LINE = 4 * 1024 * 1024  # an envelope line longer than this is corru
 # A write failing with one of these means the disk (or quota) is full: 452 4.3.1, not 451.
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
 FRESH_LIMIT = 32 * 1024 * 1024      # bytes of just-accepted messages kept for their first attempt
+INLINE_WRITE_LIMIT = 128 * 1024     # `accept` writes a message this small from the event loop
 
 
 class SpoolError(Exception):
@@ -253,6 +255,12 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _sync_committed(path: Path) -> None:
+    """fsync a file just renamed into its folder, then the folder."""
+    _fsync_path(path)
+    fsync_dir(path.parent)
+
+
 def envelope_line(msg: QueuedMessage, digest: str) -> bytes:
     obj = {"version": FORMAT_VERSION, "id": msg.id, "kind": msg.kind, "sender": msg.sender,
            "recipients": list(msg.recipients), "smtputf8": msg.smtputf8,
@@ -363,7 +371,6 @@ class Spool:
         self._messages: dict[str, QueuedMessage] = {}
         self._states: dict[str, MessageState] = {}
         self._bytes = 0
-        self._msg_sync: Optional[_GroupSync] = None
         self._state_sync: Optional[_GroupSync] = None
         # ids whose state/ID.json may exist (absent: nothing to unlink when they finish)
         self._state_files: set[str] = set()
@@ -414,7 +421,6 @@ class Spool:
 
     def _start_io(self) -> None:
         self._executor = ThreadPoolExecutor(self._io_threads, thread_name_prefix="spool-io")
-        self._msg_sync = _GroupSync(self.msg_dir, self._executor)
 
     def close(self) -> None:
         if self._executor is not None:
@@ -579,7 +585,7 @@ class Spool:
 
     async def accept(self, sender: str, recipients: Iterable[str], data: bytes, *,
                      smtputf8: bool = False, kind: str = "mail") -> QueuedMessage:
-        """`put` for the event loop, with group commit of the folder fsync.
+        """`put` for the event loop.
 
         Returns only after this message is durable. If the caller is cancelled (client gone),
         the commit still completes and the message is registered for delivery: it was never
@@ -592,14 +598,16 @@ class Spool:
 
     async def _accept(self, sender: str, recipients: tuple[str, ...], data: bytes,
                       smtputf8: bool, kind: str) -> QueuedMessage:
-        # Written and renamed first, then the file's fsync and the (group-committed) folder
-        # fsync at the same time: on a journalling file system both wait for the same
-        # journal commit, so a message waits for one commit instead of two in a row.
-        msg = await self._run(functools.partial(
-            self._write_committed, sender, recipients, data, smtputf8, kind, sync=False))
-        assert self._msg_sync is not None
+        # Written and renamed first, then the file's and the folder's fsync in one thread:
+        # on a journalling file system the first commits the rename too, so a message waits
+        # for one journal commit and one thread hop. Written from the loop when small.
+        if len(data) <= INLINE_WRITE_LIMIT:
+            msg = self._write_committed(sender, recipients, data, smtputf8, kind, sync=False)
+        else:
+            msg = await self._run(functools.partial(
+                self._write_committed, sender, recipients, data, smtputf8, kind, sync=False))
         try:
-            await asyncio.gather(self._run(_fsync_path, self.msg_dir / msg.id), self._msg_sync.sync())
+            await self._run(_sync_committed, self.msg_dir / msg.id)
         except OSError:
             await self._run(self._rollback, msg.id)
             raise
@@ -681,23 +689,19 @@ class Spool:
 
     def remove(self, qid: str) -> None:
         """Drop a message whose recipients are all final, or that an operator deleted (blocking)."""
-        _unlink_quietly(self.msg_dir / qid)
-        fsync_dir(self.msg_dir)
-        _unlink_quietly(self.state_dir / f"{qid}.json")
+        self._remove_files(qid, True)
         self._forget(qid)
 
-    async def finish(self, qid: str) -> None:
-        """`remove` for the event loop: the folder fsync is shared with concurrent commits;
-        state/ID.json is unlinked only after it, and only when one was ever written.
+    def _remove_files(self, qid: str, state_file: bool) -> None:
+        _unlink_quietly(self.msg_dir / qid)
+        fsync_dir(self.msg_dir)
+        if state_file:
+            _unlink_quietly(self.state_dir / f"{qid}.json")
 
-        The unlink of msg/ID runs in a thread of its own, not in the syncing one: an unlink
-        can wait on the journal, and there it would hold up the commits sharing the sync.
-        """
-        assert self._msg_sync is not None
-        await self._run(_unlink_quietly, self.msg_dir / qid)
-        await self._msg_sync.sync()
-        if qid in self._state_files:
-            await self._run(_unlink_quietly, self.state_dir / f"{qid}.json")
+    async def finish(self, qid: str) -> None:
+        """`remove` for the event loop, in one spool thread; state/ID.json is unlinked only
+        when one was ever written."""
+        await self._run(self._remove_files, qid, qid in self._state_files)
         self._forget(qid)
 
     # -- control requests (from `routedsl queue` while this relay holds the lock)

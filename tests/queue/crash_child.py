@@ -8,7 +8,7 @@ POINT is where the k-th commit dies with SIGKILL:
   before_filesync (accept only) renamed into msg/ before the file's own fsync
   before_dirsync renamed into msg/, the folder not yet fsynced (never acknowledged)
   after_ack     put() returned and the ACK line was printed
-MODE is "put" (one at a time), "accept" (10 concurrent accepts, group commit) or "state"
+MODE is "put" (one at a time), "accept" (10 concurrent accepts) or "state"
 (one message whose state file is rewritten COUNT times; the k-th rewrite dies).
 Each acknowledged message is printed as "ACK <id> <index>" and flushed before going on.
 """

@@ -50,7 +50,7 @@ def test_one_relay_per_spool(spool: Spool) -> None:
     other.close()
 
 
-async def test_accept_group_commit_many_at_once(spool: Spool) -> None:
+async def test_accept_many_at_once(spool: Spool) -> None:
     msgs = await asyncio.gather(*(spool.accept("a@x.test", [f"r{i}@y.test"], DATA + bytes([65 + i % 26]))
                                   for i in range(50)))
     assert len({m.id for m in msgs}) == 50

@@ -1,10 +1,12 @@
-"""The spool's fast paths keep its promises: the first attempt delivers the bytes that were
-accepted (without re-reading the file), later attempts read and check the file, a removal
-rides on the shared folder fsync, and a removal error reaches only its own caller."""
+"""The spool's fast paths keep its promises: a small message is written from the event loop
+and a large one from a thread, into the same file; the first attempt delivers the bytes that
+were accepted (without re-reading the file), later attempts read and check the file, and a
+removal error reaches only its own caller."""
 from __future__ import annotations
 
 import asyncio
 import errno
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,28 @@ def _tamper(spool: Spool, qid: str) -> None:
     raw = bytearray(path.read_bytes())
     raw[-3] ^= 0x20
     path.write_bytes(bytes(raw))
+
+
+async def test_small_and_large_messages_are_committed_alike(spool: Spool, monkeypatch) -> None:
+    threads: list[str] = []
+    real = queue.Spool._write_committed
+
+    def spy(self, *args, **kw):
+        threads.append(threading.current_thread().name)
+        return real(self, *args, **kw)
+    monkeypatch.setattr(queue.Spool, "_write_committed", spy)
+    small = DATA
+    large = DATA * (queue.INLINE_WRITE_LIMIT // len(DATA) + 1)
+    msgs = [await spool.accept("a@x.test", ["b@y.test"], data) for data in (small, large)]
+    assert threads[0] == threading.current_thread().name          # the loop's own thread
+    assert threads[1].startswith("spool-io")
+    spool.close()
+    again = Spool(spool.root)                                     # what a restart finds
+    assert [m.id for m in again.open()] == [m.id for m in msgs]
+    assert [again.read_data(m.id) for m in msgs] == [small, large]
+    assert [again.get(m.id).size for m in msgs] == [len(small), len(large)]
+    again.close()
+    spool.open()
 
 
 async def test_the_first_load_gives_the_accepted_bytes_later_loads_check_the_file(spool: Spool) -> None:
