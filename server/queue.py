@@ -305,48 +305,6 @@ def read_state_file(path: Path) -> MessageState:
         return MessageState.from_json(json.loads(f.read()))
 
 
-# ---------------------------------------------------------------- group commit of folders
-
-class _GroupSync:
-    """fsync one folder on behalf of every caller that changed it before the sync began.
-
-    Callers that arrive while a sync runs share the next one: under load, many commits
-    cost one folder fsync (group commit), and each caller still returns only after a
-    sync that started after its own change.
-    """
-
-    def __init__(self, path: Path, executor: ThreadPoolExecutor) -> None:
-        self._path = path
-        self._executor = executor
-        self._waiters: list[asyncio.Future[None]] = []
-        self._task: Optional[asyncio.Task[None]] = None
-
-    async def sync(self) -> None:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        self._waiters.append(fut)
-        if self._task is None:
-            self._task = loop.create_task(self._run())
-        await fut
-
-    async def _run(self) -> None:
-        try:
-            while self._waiters:
-                waiters, self._waiters = self._waiters, []
-                try:
-                    await _in_thread(self._executor, fsync_dir, self._path)
-                except OSError as exc:
-                    for w in waiters:
-                        if not w.done():
-                            w.set_exception(exc)
-                else:
-                    for w in waiters:
-                        if not w.done():
-                            w.set_result(None)
-        finally:
-            self._task = None
-
-
 # ---------------------------------------------------------------- the spool
 
 class Spool:
@@ -371,7 +329,6 @@ class Spool:
         self._messages: dict[str, QueuedMessage] = {}
         self._states: dict[str, MessageState] = {}
         self._bytes = 0
-        self._state_sync: Optional[_GroupSync] = None
         # ids whose state/ID.json may exist (absent: nothing to unlink when they finish)
         self._state_files: set[str] = set()
         # the bytes of messages just accepted, kept for their first delivery attempt so it
@@ -407,7 +364,6 @@ class Spool:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
         self._start_io()
-        self._state_sync = _GroupSync(self.state_dir, self._executor)
         self._recover()
         return self.messages()
 
@@ -651,6 +607,7 @@ class Spool:
         except BaseException:
             _unlink_quietly(tmp)
             raise
+        fsync_dir(self.state_dir)
 
     def write_state(self, state: MessageState) -> None:
         """Replace a message's state durably (blocking); the in-memory copy follows."""
@@ -658,11 +615,11 @@ class Spool:
             raise KeyError(state.id)
         self._state_files.add(state.id)
         self._write_state_file(state)
-        fsync_dir(self.state_dir)
         self._states[state.id] = state
 
     async def record(self, state: MessageState) -> None:
-        """`write_state` for the event loop; returns once the new state is durable.
+        """`write_state` for the event loop (in one spool thread); returns once the new state
+        is durable.
 
         Writes for one message must not overlap (the scheduler serialises them per message).
         """
@@ -670,8 +627,6 @@ class Spool:
             raise KeyError(state.id)
         self._state_files.add(state.id)
         await self._run(self._write_state_file, state)
-        assert self._state_sync is not None
-        await self._state_sync.sync()
         self._states[state.id] = state
 
     def note(self, state: MessageState) -> None:
