@@ -226,39 +226,45 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_file(path: Path, chunks: Iterable[bytes], *, sync: bool = True) -> None:
-    """Create `path` (must not exist), write, fsync unless `sync` is False (the caller then
-    fsyncs it later with `_fsync_path`). On any error the file is removed."""
+def _open_folder(path: Path) -> int:
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _write_all(fd: int, chunks: Iterable[bytes]) -> None:
+    """Write every chunk (one writev for the usual envelope line and message)."""
+    pending = [memoryview(c) for c in chunks if c]
+    while pending:
+        done = os.writev(fd, pending)
+        while pending and done >= len(pending[0]):
+            done -= len(pending[0])
+            pending.pop(0)
+        if done:
+            pending[0] = pending[0][done:]
+
+
+def _create_file(path: Path, chunks: Iterable[bytes]) -> int:
+    """Create `path` (must not exist) and write it, not fsynced; returns the open descriptor.
+    On any error the file is removed."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        with os.fdopen(fd, "wb", closefd=False) as f:
-            for chunk in chunks:
-                f.write(chunk)
-        if sync:
-            os.fsync(fd)
+        _write_all(fd, chunks)
     except BaseException:
         os.close(fd)
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+        _unlink_quietly(path)
         raise
-    os.close(fd)
+    return fd
 
 
-def _fsync_path(path: Path) -> None:
-    """fsync a file by name (fsync flushes the inode, whichever descriptor asks)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def _write_file(path: Path, chunks: Iterable[bytes]) -> None:
+    """Create `path` (must not exist), write and fsync it. On any error the file is removed."""
+    fd = _create_file(path, chunks)
     try:
         os.fsync(fd)
+    except BaseException:
+        _unlink_quietly(path)
+        raise
     finally:
         os.close(fd)
-
-
-def _sync_committed(path: Path) -> None:
-    """fsync a file just renamed into its folder, then the folder."""
-    _fsync_path(path)
-    fsync_dir(path.parent)
 
 
 def envelope_line(msg: QueuedMessage, digest: str) -> bytes:
@@ -326,6 +332,9 @@ class Spool:
         self._io_threads = io_threads
         self._executor: Optional[ThreadPoolExecutor] = None
         self._lock_fd: Optional[int] = None
+        # msg/ and state/ stay open while the spool is: fsyncing one is then one system call
+        self._msg_fd = -1
+        self._state_fd = -1
         self._messages: dict[str, QueuedMessage] = {}
         self._states: dict[str, MessageState] = {}
         self._bytes = 0
@@ -377,11 +386,17 @@ class Spool:
 
     def _start_io(self) -> None:
         self._executor = ThreadPoolExecutor(self._io_threads, thread_name_prefix="spool-io")
+        self._msg_fd = _open_folder(self.msg_dir)
+        self._state_fd = _open_folder(self.state_dir)
 
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        for fd in (self._msg_fd, self._state_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._msg_fd = self._state_fd = -1
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
@@ -498,10 +513,10 @@ class Spool:
 
     # -- committing messages
 
-    def _write_committed(self, sender: str, recipients: Iterable[str], data: bytes,
-                         smtputf8: bool, kind: str, *, sync: bool = True) -> QueuedMessage:
-        """Write the message into tmp/, fsync it (unless `sync` is False: the caller then
-        fsyncs it in msg/) and rename it into msg/; the folder is not fsynced here.
+    def _write_message(self, sender: str, recipients: Iterable[str], data: bytes,
+                       smtputf8: bool, kind: str) -> tuple[QueuedMessage, int]:
+        """Write the message into tmp/ and rename it into msg/, not yet fsynced. Returns it
+        with its open descriptor, which `_sync_message` then fsyncs and closes.
 
         The caller acknowledges only after the file's and the folder's fsync; a crash before
         leaves a message that was never acknowledged (whole, or torn and quarantined at
@@ -516,12 +531,33 @@ class Spool:
                             size=len(data), arrival=time.time(), smtputf8=smtputf8, kind=kind)
         line = envelope_line(msg, hashlib.sha256(data).hexdigest())
         tmp = self.tmp_dir / msg.id
-        _write_file(tmp, (line, data), sync=sync)
+        fd = _create_file(tmp, (line, data))
         try:
             os.replace(tmp, self.msg_dir / msg.id)
         except BaseException:
+            os.close(fd)
             _unlink_quietly(tmp)
             raise
+        return msg, fd
+
+    def _sync_message(self, msg: QueuedMessage, fd: int) -> None:
+        """fsync a message from `_write_message` (closing its descriptor), then msg/. On a
+        journalling file system the file's fsync commits the rename too, so the folder's
+        finds little left to do. On failure the message is removed: never acknowledged."""
+        try:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.fsync(self._msg_fd)
+        except OSError:
+            self._rollback(msg.id)
+            raise
+
+    def _commit(self, sender: str, recipients: Iterable[str], data: bytes,
+                smtputf8: bool, kind: str) -> QueuedMessage:
+        msg, fd = self._write_message(sender, recipients, data, smtputf8, kind)
+        self._sync_message(msg, fd)
         return msg
 
     def put(self, sender: str, recipients: Iterable[str], data: bytes, *,
@@ -530,12 +566,7 @@ class Spool:
 
         Raises OSError (e.g. ENOSPC) with nothing left behind.
         """
-        msg = self._write_committed(sender, recipients, data, smtputf8, kind)
-        try:
-            fsync_dir(self.msg_dir)
-        except OSError:
-            self._rollback(msg.id)
-            raise
+        msg = self._commit(sender, recipients, data, smtputf8, kind)
         self._register(msg)
         return msg
 
@@ -554,19 +585,16 @@ class Spool:
 
     async def _accept(self, sender: str, recipients: tuple[str, ...], data: bytes,
                       smtputf8: bool, kind: str) -> QueuedMessage:
-        # Written and renamed first, then the file's and the folder's fsync in one thread:
-        # on a journalling file system the first commits the rename too, so a message waits
-        # for one journal commit and one thread hop. Written from the loop when small.
+        # One thread hop: a small message is written and renamed from the loop (a few
+        # page-cache calls cost less than a hop), then a thread runs both fsyncs.
+        if self._executor is None:
+            raise SpoolError(f"spool {self.root} is not open")
         if len(data) <= INLINE_WRITE_LIMIT:
-            msg = self._write_committed(sender, recipients, data, smtputf8, kind, sync=False)
+            msg, fd = self._write_message(sender, recipients, data, smtputf8, kind)
+            await _in_thread(self._executor, self._sync_message, msg, fd)
         else:
             msg = await self._run(functools.partial(
-                self._write_committed, sender, recipients, data, smtputf8, kind, sync=False))
-        try:
-            await self._run(_sync_committed, self.msg_dir / msg.id)
-        except OSError:
-            await self._run(self._rollback, msg.id)
-            raise
+                self._commit, sender, recipients, data, smtputf8, kind))
         self._hand_over(msg, data)
         return msg
 
@@ -607,7 +635,7 @@ class Spool:
         except BaseException:
             _unlink_quietly(tmp)
             raise
-        fsync_dir(self.state_dir)
+        os.fsync(self._state_fd)
 
     def write_state(self, state: MessageState) -> None:
         """Replace a message's state durably (blocking); the in-memory copy follows."""
@@ -649,7 +677,7 @@ class Spool:
 
     def _remove_files(self, qid: str, state_file: bool) -> None:
         _unlink_quietly(self.msg_dir / qid)
-        fsync_dir(self.msg_dir)
+        os.fsync(self._msg_fd)
         if state_file:
             _unlink_quietly(self.state_dir / f"{qid}.json")
 

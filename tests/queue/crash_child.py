@@ -5,7 +5,7 @@
 POINT is where the k-th commit dies with SIGKILL:
   mid_write     half the bytes are in tmp/, nothing fsynced
   before_rename written and fsynced in tmp/, not yet renamed into msg/
-  before_filesync (accept only) renamed into msg/ before the file's own fsync
+  before_filesync renamed into msg/ before the file's own fsync
   before_dirsync renamed into msg/, the folder not yet fsynced (never acknowledged)
   after_ack     put() returned and the ACK line was printed
 MODE is "put" (one at a time), "accept" (10 concurrent accepts) or "state"
@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import stat
 import sys
 
 import server.queue as queue
@@ -39,18 +40,24 @@ def main() -> None:
         calls["n"] += 1
         return calls["n"] == k
 
-    if point == "mid_write":
-        real_write = queue._write_file
+    def folder_of(fd: int) -> str | None:
+        """The name of the folder `fd` is open on, or None for a file."""
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            return None
+        return os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
 
-        def write(path, chunks, **kw):
+    if point == "mid_write":
+        real_create = queue._create_file
+
+        def create(path, chunks):
             is_state = path.name.endswith(".state")
             if path.parent.name == "tmp" and is_state == (mode == "state") and nth():
                 data = b"".join(chunks)
                 with open(path, "wb") as f:
                     f.write(data[: len(data) // 2])
                 die()
-            return real_write(path, chunks, **kw)
-        queue._write_file = write
+            return real_create(path, chunks)
+        queue._create_file = create
     elif point == "before_rename":
         real_replace = os.replace
 
@@ -60,22 +67,15 @@ def main() -> None:
                 die()
             return real_replace(src, dst)
         queue.os.replace = replace  # type: ignore[attr-defined]
-    elif point == "before_filesync":
-        real_fsync = queue._fsync_path
+    elif point in ("before_filesync", "before_dirsync"):
+        real_fsync = os.fsync
+        wanted = None if point == "before_filesync" else ("state" if mode == "state" else "msg")
 
-        def fsync_path(path):
-            if nth():
+        def fsync(fd):
+            if folder_of(fd) == wanted and nth():
                 die()
-            return real_fsync(path)
-        queue._fsync_path = fsync_path
-    elif point == "before_dirsync":
-        real_sync = queue.fsync_dir
-
-        def sync(path):
-            if os.path.basename(str(path)) == ("state" if mode == "state" else "msg") and nth():
-                die()
-            return real_sync(path)
-        queue.fsync_dir = sync
+            return real_fsync(fd)
+        queue.os.fsync = fsync  # type: ignore[attr-defined]
 
     spool = queue.Spool(root)
     spool.open()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -227,10 +228,10 @@ async def test_a_full_disk_fails_the_commit_and_leaves_nothing(spool: Spool, mon
     import errno
     import server.queue as queue
 
-    def full(path, chunks, **kw):
+    def full(path, chunks):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(queue, "_write_file", full)
+    monkeypatch.setattr(queue, "_create_file", full)
     with pytest.raises(OSError) as err:
         await spool.accept("a@x.test", ["b@y.test"], DATA)
     assert err.value.errno == errno.ENOSPC   # the intake answers 452 4.3.1 from this
@@ -238,9 +239,13 @@ async def test_a_full_disk_fails_the_commit_and_leaves_nothing(spool: Spool, mon
     assert list(spool.msg_dir.iterdir()) == [] and spool.messages() == []
 
     # the folder fsync failing after the rename: rolled back, never acknowledged, never live
-    def broken_sync(path):
-        raise OSError(errno.EIO, "I/O error")
-    monkeypatch.setattr(queue, "fsync_dir", broken_sync)
+    real_fsync = os.fsync
+
+    def broken_sync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, "I/O error")
+        return real_fsync(fd)
+    monkeypatch.setattr(queue.os, "fsync", broken_sync)
     with pytest.raises(OSError):
         await spool.accept("a@x.test", ["b@y.test"], DATA)
     with pytest.raises(OSError):

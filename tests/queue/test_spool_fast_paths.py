@@ -26,12 +26,12 @@ def _tamper(spool: Spool, qid: str) -> None:
 
 async def test_small_and_large_messages_are_committed_alike(spool: Spool, monkeypatch) -> None:
     threads: list[str] = []
-    real = queue.Spool._write_committed
+    real = queue.Spool._write_message
 
     def spy(self, *args, **kw):
         threads.append(threading.current_thread().name)
         return real(self, *args, **kw)
-    monkeypatch.setattr(queue.Spool, "_write_committed", spy)
+    monkeypatch.setattr(queue.Spool, "_write_message", spy)
     small = DATA
     large = DATA * (queue.INLINE_WRITE_LIMIT // len(DATA) + 1)
     msgs = [await spool.accept("a@x.test", ["b@y.test"], data) for data in (small, large)]
