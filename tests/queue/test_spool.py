@@ -10,9 +10,26 @@ from pathlib import Path
 import pytest
 
 from server.queue import (CorruptMessage, MessageState, Spool, SpoolBusy, is_queue_id,
-                          lock_holder, read_entry, scan)
+                          lock_holder, new_queue_id, read_entry, scan)
 
 from tests.queue.conftest import DATA
+
+
+def test_forked_intake_processes_draw_different_queue_ids() -> None:
+    # the intake processes are forked from the relay's; ids made in the same microsecond
+    # must still differ, so each process's random tail must not repeat its parent's
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write_end, new_queue_id()[-6:].encode())
+        os._exit(0)
+    os.close(write_end)
+    try:
+        child_tail = os.read(read_end, 6).decode()
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    assert len(child_tail) == 6 and child_tail != new_queue_id()[-6:]
 
 
 def test_put_commits_a_file_in_msg_and_nothing_in_tmp(spool: Spool) -> None:
