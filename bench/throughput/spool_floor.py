@@ -4,12 +4,10 @@
 
 C writers each commit messages one after another, as C SMTP sessions would (each waits
 for its own 250); reported: commits per second and p50/p99 commit latency, first for
-server.queue.Spool.accept (since 2026-11-29 afternoon: rename, then the file fsync and a
-group-committed folder fsync at the same time), then for a
-bare write + fsync + rename in the same thread pool (no folder fsync), to show what the
-second sync costs, and for the overlapped order (write, rename, then the file fsync and the
-group-committed folder fsync at the same time). Runs under uvloop when installed, in a scratch folder it removes.
-"""
+server.queue.Spool.accept (since 2026-11-29 late: write and rename from the loop, then one
+thread fsyncs the file and the folder), then for a bare write + fsync + rename in a thread
+pool (no folder fsync), to show what the folder's fsync costs. Runs under uvloop when
+installed, in a scratch folder it removes."""
 
 from __future__ import annotations
 
@@ -25,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from server.queue import Spool, _GroupSync  # noqa: E402
+from server.queue import Spool  # noqa: E402
 
 
 async def commit_loop(n: int, writers: int, commit) -> tuple[float, list[float]]:  # type: ignore[no-untyped-def]
@@ -57,7 +55,7 @@ async def main_async(args: argparse.Namespace) -> None:
         try:
             async def accept(w: int, i: int) -> None:
                 await spool.accept("from@source.test", ["to@sink.test"], data)
-            report("Spool.accept (file || grouped dir)", *await commit_loop(args.messages, args.writers, accept))
+            report("Spool.accept (file, then dir)", *await commit_loop(args.messages, args.writers, accept))
         finally:
             spool.close()
 
@@ -80,28 +78,6 @@ async def main_async(args: argparse.Namespace) -> None:
             async def bare_commit(w: int, i: int) -> None:
                 await loop.run_in_executor(pool, write_one, w, i)
             report("write+fsync+rename (1 fsync)", *await commit_loop(args.messages, args.writers, bare_commit))
-
-            over = root / "overlap"
-            over.mkdir()
-            group = _GroupSync(over, pool)
-
-            def write_renamed(w: int, i: int) -> int:
-                tmp = over / f"t{w}.{i}"
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                os.write(fd, data)
-                os.replace(tmp, over / f"m{w}.{i}")
-                return fd
-
-            def fsync_close(fd: int) -> None:
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-
-            async def overlapped(w: int, i: int) -> None:
-                fd = await loop.run_in_executor(pool, write_renamed, w, i)
-                await asyncio.gather(loop.run_in_executor(pool, fsync_close, fd), group.sync())
-            report("write+rename, fsync file || dir", *await commit_loop(args.messages, args.writers, overlapped))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
