@@ -920,12 +920,10 @@ class _CountedCommands(Mapping):
         self._names = _commands_of(type(smtp))
 
     def get(self, name: str, default: Any = None) -> Any:   # the per-command path: no KeyError
-        attr = self._names.get(name)
-        return default if attr is None else _Counted(self._smtp, name, getattr(self._smtp, attr))
+        return self[name] if name in self._names else default
 
     def __getitem__(self, name: str) -> _Counted:
-        attr = self._names[name]
-        return _Counted(self._smtp, name, getattr(self._smtp, attr))
+        return _Counted(self._smtp, name, getattr(self._smtp, self._names[name]))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
