@@ -19,9 +19,10 @@ rename):
 
 The relay's own commits (`accept`) write and rename a small message from the event loop
 itself (a few page-cache system calls cost less than a round trip through a thread), then
-one spool thread fsyncs the file and msg/; on a journalling file system the file's fsync
-commits the rename with it, so the folder's finds little left to do. A message is
-acknowledged only after both, so a crash in between leaves a message nobody was told about:
+the committing thread (server/group_commit.py) fsyncs the file, and msg/ once for all the
+messages, removals and state writes of its batch (group commit); on a journalling file
+system the file's fsync commits the rename with it, so the folder's finds little left to
+do. A message is acknowledged only after both, so a crash in between leaves a message nobody was told about:
 whole (delivered, at worst a duplicate) or torn (quarantined at start-up). The first delivery
 attempt of a message just accepted uses the bytes still in memory (bounded); later
 attempts read the file.
@@ -52,6 +53,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Literal, Optional
+
+from server.group_commit import GroupCommit
 
 log = logging.getLogger("routedsl.queue")
 
@@ -320,8 +323,9 @@ class Spool:
     """One spool folder. `open()` before use; one relay per spool (flock on `lock`).
 
     Blocking methods (`put`, `write_state`, `remove`, `read_data`, ...) are for threads and
-    tools; the relay's event loop uses the async ones (`accept`, `record`, `finish`, `load`),
-    which run the same code in the spool's own thread pool.
+    tools; the relay's event loop uses the async ones (`accept`, `record`, `finish`, `load`).
+    Their durable changes go through one committing thread in batches (group commit:
+    server/group_commit.py), their reads through the spool's own thread pool.
     """
 
     def __init__(self, root: Path | str, *, io_threads: int = 16) -> None:
@@ -334,6 +338,7 @@ class Spool:
         self.lock_path = self.root / "lock"
         self._io_threads = io_threads
         self._executor: Optional[ThreadPoolExecutor] = None
+        self._group: Optional[GroupCommit] = None
         self._lock_fd: Optional[int] = None
         # msg/ and state/ stay open while the spool is: fsyncing one is then one system call
         self._msg_fd = -1
@@ -389,10 +394,14 @@ class Spool:
 
     def _start_io(self) -> None:
         self._executor = ThreadPoolExecutor(self._io_threads, thread_name_prefix="spool-io")
+        self._group = GroupCommit()
         self._msg_fd = _open_folder(self.msg_dir)
         self._state_fd = _open_folder(self.state_dir)
 
     def close(self) -> None:
+        if self._group is not None:
+            self._group.close()
+            self._group = None
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
@@ -516,22 +525,25 @@ class Spool:
 
     # -- committing messages
 
-    def _write_message(self, sender: str, recipients: Iterable[str], data: bytes,
-                       smtputf8: bool, kind: str) -> tuple[QueuedMessage, int]:
-        """Write the message into tmp/ and rename it into msg/, not yet fsynced. Returns it
-        with its open descriptor, which `_sync_message` then fsyncs and closes.
-
-        The caller acknowledges only after the file's and the folder's fsync; a crash before
-        leaves a message that was never acknowledged (whole, or torn and quarantined at
-        start-up).
-        """
+    @staticmethod
+    def _new_message(sender: str, recipients: Iterable[str], data: bytes,
+                     smtputf8: bool, kind: str) -> QueuedMessage:
         if kind not in KINDS:
             raise ValueError(f"unknown message kind {kind!r}")
         rcpts = tuple(recipients)
         if not rcpts:
             raise ValueError("a message needs at least one recipient")
-        msg = QueuedMessage(id=new_queue_id(), sender=sender, recipients=rcpts,
-                            size=len(data), arrival=time.time(), smtputf8=smtputf8, kind=kind)
+        return QueuedMessage(id=new_queue_id(), sender=sender, recipients=rcpts,
+                             size=len(data), arrival=time.time(), smtputf8=smtputf8, kind=kind)
+
+    def _write_message(self, msg: QueuedMessage, data: bytes) -> int:
+        """Write the message into tmp/ and rename it into msg/, not yet fsynced. Returns its
+        open descriptor, which `_sync_file` then fsyncs and closes.
+
+        The caller acknowledges only after the file's and the folder's fsync; a crash before
+        leaves a message that was never acknowledged (whole, or torn and quarantined at
+        start-up).
+        """
         line = envelope_line(msg, hashlib.sha256(data).hexdigest())
         tmp = self.tmp_dir / msg.id
         fd = _create_file(tmp, (line, data))
@@ -541,10 +553,10 @@ class Spool:
             os.close(fd)
             _unlink_quietly(tmp)
             raise
-        return msg, fd
+        return fd
 
-    def _sync_message(self, msg: QueuedMessage, fd: int) -> None:
-        """fsync a message from `_write_message` (closing its descriptor), then msg/. On a
+    def _sync_file(self, msg: QueuedMessage, fd: int) -> QueuedMessage:
+        """fsync and close a file from `_write_message`; the caller fsyncs msg/ after. On a
         journalling file system the file's fsync commits the rename too, so the folder's
         finds little left to do. On failure the message is removed: never acknowledged."""
         try:
@@ -552,16 +564,13 @@ class Spool:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.fsync(self._msg_fd)
         except OSError:
             self._rollback(msg.id)
             raise
-
-    def _commit(self, sender: str, recipients: Iterable[str], data: bytes,
-                smtputf8: bool, kind: str) -> QueuedMessage:
-        msg, fd = self._write_message(sender, recipients, data, smtputf8, kind)
-        self._sync_message(msg, fd)
         return msg
+
+    def _write_and_sync(self, msg: QueuedMessage, data: bytes) -> QueuedMessage:
+        return self._sync_file(msg, self._write_message(msg, data))
 
     def put(self, sender: str, recipients: Iterable[str], data: bytes, *,
             smtputf8: bool = False, kind: str = "mail") -> QueuedMessage:
@@ -569,7 +578,12 @@ class Spool:
 
         Raises OSError (e.g. ENOSPC) with nothing left behind.
         """
-        msg = self._commit(sender, recipients, data, smtputf8, kind)
+        msg = self._write_and_sync(self._new_message(sender, recipients, data, smtputf8, kind), data)
+        try:
+            os.fsync(self._msg_fd)
+        except OSError:
+            self._rollback(msg.id)
+            raise
         self._register(msg)
         return msg
 
@@ -588,16 +602,18 @@ class Spool:
 
     async def _accept(self, sender: str, recipients: tuple[str, ...], data: bytes,
                       smtputf8: bool, kind: str) -> QueuedMessage:
-        # One thread hop: a small message is written and renamed from the loop (a few
-        # page-cache calls cost less than a hop), then a thread runs both fsyncs.
-        if self._executor is None:
+        # A small message is written and renamed from the loop (a few page-cache calls
+        # cost less than a thread hop); the committing thread fsyncs it, and msg/ once for
+        # its whole batch. A larger one is written there too.
+        if self._group is None:
             raise SpoolError(f"spool {self.root} is not open")
+        msg = self._new_message(sender, recipients, data, smtputf8, kind)
         if len(data) <= INLINE_WRITE_LIMIT:
-            msg, fd = self._write_message(sender, recipients, data, smtputf8, kind)
-            await _in_thread(self._executor, self._sync_message, msg, fd)
+            work = functools.partial(self._sync_file, msg, self._write_message(msg, data))
         else:
-            msg = await self._run(functools.partial(
-                self._commit, sender, recipients, data, smtputf8, kind))
+            work = functools.partial(self._write_and_sync, msg, data)
+        await self._group.submit(work, folders=(self._msg_fd,),
+                                 undo=functools.partial(self._rollback, msg.id))
         self._hand_over(msg, data)
         return msg
 
@@ -629,7 +645,8 @@ class Spool:
 
     # -- state
 
-    def _write_state_file(self, state: MessageState) -> None:
+    def _replace_state_file(self, state: MessageState) -> None:
+        """Write state/ID.json anew (the file fsynced, state/ not yet)."""
         body = json.dumps(state.to_json(), ensure_ascii=True, indent=1).encode("ascii") + b"\n"
         tmp = self.tmp_dir / f"{state.id}.{secrets.token_hex(4)}.state"
         _write_file(tmp, (body,))
@@ -638,6 +655,9 @@ class Spool:
         except BaseException:
             _unlink_quietly(tmp)
             raise
+
+    def _write_state_file(self, state: MessageState) -> None:
+        self._replace_state_file(state)
         os.fsync(self._state_fd)
 
     def write_state(self, state: MessageState) -> None:
@@ -649,15 +669,18 @@ class Spool:
         self._states[state.id] = state
 
     async def record(self, state: MessageState) -> None:
-        """`write_state` for the event loop (in one spool thread); returns once the new state
-        is durable.
+        """`write_state` for the event loop (in the committing thread, state/ fsynced once
+        per batch); returns once the new state is durable.
 
         Writes for one message must not overlap (the scheduler serialises them per message).
         """
         if state.id not in self._messages:
             raise KeyError(state.id)
+        if self._group is None:
+            raise SpoolError(f"spool {self.root} is not open")
         self._state_files.add(state.id)
-        await self._run(self._write_state_file, state)
+        await self._group.submit(functools.partial(self._replace_state_file, state),
+                                 folders=(self._state_fd,))
         self._states[state.id] = state
 
     def note(self, state: MessageState) -> None:
@@ -682,12 +705,20 @@ class Spool:
         _unlink_quietly(self.msg_dir / qid)
         os.fsync(self._msg_fd)
         if state_file:
-            _unlink_quietly(self.state_dir / f"{qid}.json")
+            self._unlink_state(qid)
+
+    def _unlink_state(self, qid: str) -> None:
+        # only after msg/ID is gone for good (see the removal order above)
+        _unlink_quietly(self.state_dir / f"{qid}.json")
 
     async def finish(self, qid: str) -> None:
-        """`remove` for the event loop, in one spool thread; state/ID.json is unlinked only
-        when one was ever written."""
-        await self._run(self._remove_files, qid, qid in self._state_files)
+        """`remove` for the event loop, in the committing thread (msg/ fsynced once per
+        batch); state/ID.json is unlinked only when one was ever written."""
+        if self._group is None:
+            raise SpoolError(f"spool {self.root} is not open")
+        after = functools.partial(self._unlink_state, qid) if qid in self._state_files else None
+        await self._group.submit(functools.partial(_unlink_quietly, self.msg_dir / qid),
+                                 folders=(self._msg_fd,), after=after)
         self._forget(qid)
 
     # -- control requests (from `routedsl queue` while this relay holds the lock)

@@ -33,7 +33,8 @@ def run_child(root: Path, point: str, k: int, count: int, mode: str) -> list[tup
     (mode, point) for mode in ("put", "accept")
     for point in ("mid_write", "before_rename", "before_filesync", "before_dirsync", "after_ack")])
 def test_nothing_acknowledged_is_lost_nothing_torn_is_live(tmp_path: Path, point: str, mode: str) -> None:
-    k = 7
+    # concurrent accepts share msg/ fsyncs (group commit): fewer of them than messages
+    k = 2 if (mode, point) == ("accept", "before_dirsync") else 7
     acks = run_child(tmp_path, point, k, 30, mode)
     if mode == "put":
         assert len(acks) == (k if point == "after_ack" else k - 1)

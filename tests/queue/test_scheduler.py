@@ -363,8 +363,8 @@ async def test_a_step_with_only_temporary_failures_is_kept_with_the_deferral(tmp
         table = Table(("isp",), {"ok.test": ("down", "isp")})
         async with running(tmp_path, table, engines) as (sched, spool):
             writes = []
-            real = spool._write_state_file
-            spool._write_state_file = lambda state: (writes.append(state), real(state))[1]
+            real = spool._replace_state_file
+            spool._replace_state_file = lambda state: (writes.append(state), real(state))[1]
             msg = await spool.accept("alice@home.test", ["bob@ok.test"], MESSAGE)
             sched.wake(msg)
             state_file = spool.state_dir / f"{msg.id}.json"

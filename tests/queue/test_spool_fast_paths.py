@@ -36,7 +36,7 @@ async def test_small_and_large_messages_are_committed_alike(spool: Spool, monkey
     large = DATA * (queue.INLINE_WRITE_LIMIT // len(DATA) + 1)
     msgs = [await spool.accept("a@x.test", ["b@y.test"], data) for data in (small, large)]
     assert threads[0] == threading.current_thread().name          # the loop's own thread
-    assert threads[1].startswith("spool-io")
+    assert threads[1] == "spool-commit"                           # the committing thread
     spool.close()
     again = Spool(spool.root)                                     # what a restart finds
     assert [m.id for m in again.open()] == [m.id for m in msgs]
