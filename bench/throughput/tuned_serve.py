@@ -19,6 +19,8 @@ Patches:
                     (server/queue.py accept/load)
   skip-fresh-rset   no RSET before reusing a connection whose last transaction completed
                     under a second ago (server/engines/smarthost.py _deliver)
+  no-disk           a ceiling, not a proposal: the spool writes, fsyncs and removes
+                    nothing, so the loop's cost without any spool I/O shows (no durability)
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 PATCHES = ("quiet-mail-log", "log-thread", "smtp-init-cache", "free-space-cache", "keep-data",
            "skip-fresh-rset")
+CEILINGS = ("no-disk",)  # not in "all": they give up a promise to show what it costs
 
 
 def quiet_mail_log() -> None:
@@ -140,7 +143,27 @@ def skip_fresh_rset() -> None:
     aiosmtplib.SMTP.data, aiosmtplib.SMTP.rset, aiosmtplib.SMTP.mail = _data, _rset, _mail  # type: ignore[method-assign]
 
 
-APPLY = {"skip-fresh-rset": skip_fresh_rset, "quiet-mail-log": quiet_mail_log, "log-thread": log_thread,
+def no_disk() -> None:
+    """Messages live in memory only: the ceiling of the loop with no spool I/O at all."""
+    import asyncio
+    import server.queue as q
+
+    async def _accept(self, sender, recipients, data, smtputf8, kind):  # type: ignore[no-untyped-def]
+        msg = q.QueuedMessage(id=q.new_queue_id(), sender=sender, recipients=tuple(recipients),
+                              size=len(data), arrival=time.time(), smtputf8=smtputf8, kind=kind)
+        self._hand_over(msg, data)
+        return msg
+
+    async def finish(self, qid):  # type: ignore[no-untyped-def]
+        self._forget(qid)
+
+    async def record(self, state):  # type: ignore[no-untyped-def]
+        self._states[state.id] = state
+        await asyncio.sleep(0)
+    q.Spool._accept, q.Spool.finish, q.Spool.record = _accept, finish, record  # type: ignore[method-assign]
+
+
+APPLY = {"no-disk": no_disk, "skip-fresh-rset": skip_fresh_rset, "quiet-mail-log": quiet_mail_log, "log-thread": log_thread,
          "smtp-init-cache": smtp_init_cache, "free-space-cache": free_space_cache,
          "keep-data": keep_data}
 
@@ -152,7 +175,7 @@ def main(argv: list[str]) -> int:
     chosen = list(PATCHES) if argv[1] == "all" else [p for p in argv[1].split(",") if p and p != "none"]
     for name in chosen:
         if name not in APPLY:
-            print(f"unknown patch {name!r}; known: {', '.join(PATCHES)}", file=sys.stderr)
+            print(f"unknown patch {name!r}; known: {', '.join(PATCHES + CEILINGS)}", file=sys.stderr)
             return 2
         APPLY[name]()
     from routedsl.cli import main as routedsl_main
