@@ -37,12 +37,25 @@ def _version() -> str:
         return "unknown"
 
 
+class _VersionAction(argparse.Action):
+    """--version, looked up only when asked for: importlib.metadata (and the zipfile
+    module it brings) would otherwise stay in every relay's memory."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help="show the version and exit"):  # type: ignore[no-untyped-def]
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
+        print(f"routedsl {_version()}")
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="routedsl",
         description="A rules-driven SMTP relay. Language commands: check, route. "
                     "Relay commands: serve, queue, status, users (see 'routedsl serve --help').")
-    p.add_argument("--version", action="version", version=f"routedsl {_version()}")
+    p.add_argument("--version", action=_VersionAction)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     c = sub.add_parser("check", help="check a rules file: syntax, names, values, shadowed rules, expectations")
     c.add_argument("file", metavar="FILE", help="the rules file ('-' reads standard input)")

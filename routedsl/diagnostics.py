@@ -7,6 +7,7 @@ decides what is a problem (lint.py and syntax.py do).
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import unicodedata
@@ -42,6 +43,18 @@ def make(file: str, span: Span, severity: Severity, code: str, message: str,
          hint: Optional[str] = None) -> Diagnostic:
     return Diagnostic(file, span.line, span.column, span.end_line, span.end_column,
                       severity, code, message, hint)
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> Optional[str]:
+    """A hint naming the closest choice, if one is close enough (case-insensitive)."""
+    return _did_you_mean(word.lower(), tuple(choices))
+
+
+@functools.lru_cache(maxsize=1024)
+def _did_you_mean(word: str, choices: tuple[str, ...]) -> Optional[str]:
+    import difflib  # only when a file has a mistake: the relay never needs it otherwise
+    best = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"did you mean '{best[0]}'?" if best else None
 
 
 def normalize_text(text: str) -> str:

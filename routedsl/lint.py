@@ -8,8 +8,6 @@ files and never raises on a well-formed AST.
 """
 from __future__ import annotations
 
-import difflib
-import functools
 import os
 import re
 import stat
@@ -17,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 from routedsl import ast as A
-from routedsl.diagnostics import Diagnostic, make
+from routedsl.diagnostics import Diagnostic, did_you_mean, make
 from routedsl.table import EngineSpec, SecretRef
 from routedsl.values import (domain_suffixes, normalize_address, normalize_domain, parse_bool, parse_duration,
                              parse_engine_url, parse_int, parse_secret_ref, parse_size, suffix_wildcard)
@@ -31,16 +29,6 @@ OPTIONS = ("user", "password", "tls", "verify", "port", "helo", "timeout", "conn
 def norm(field: str, text: str) -> str:
     """A value as a field compares it: domains and addresses in their normal form."""
     return normalize_domain(text) if field in DOMAIN_FIELDS else normalize_address(text)
-
-
-def did_you_mean(word: str, choices: Iterable[str]) -> Optional[str]:
-    return _did_you_mean(word.lower(), tuple(choices))
-
-
-@functools.lru_cache(maxsize=1024)
-def _did_you_mean(word: str, choices: tuple[str, ...]) -> Optional[str]:
-    best = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return f"did you mean '{best[0]}'?" if best else None
 
 
 def _lines(lines: list[int]) -> str:

@@ -11,7 +11,6 @@ and parses again, so one run reports several errors. Never raises on any input t
 from __future__ import annotations
 
 import functools
-import importlib.resources
 import re
 from pathlib import Path
 from typing import Iterator, Optional
@@ -21,7 +20,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 
 from routedsl import ast as A
 from routedsl.build import AstBuilder
-from routedsl.diagnostics import Diagnostic, make, normalize_text, printable
+from routedsl.diagnostics import Diagnostic, did_you_mean, make, normalize_text, printable
 
 GRAMMAR_NAME = "routes.lark"
 MAX_SYNTAX_ERRORS = 10
@@ -29,13 +28,11 @@ MAX_SYNTAX_ERRORS = 10
 
 def grammar_text() -> str:
     """The grammar shipped in the wheel, or the checkout's grammar/routes.lark (editable install)."""
-    try:
-        res = importlib.resources.files("routedsl").joinpath(GRAMMAR_NAME)
-        if res.is_file():
-            return res.read_text(encoding="utf-8")
-    except (FileNotFoundError, ModuleNotFoundError, NotADirectoryError):
-        pass
-    return (Path(__file__).resolve().parent.parent / "grammar" / GRAMMAR_NAME).read_text(encoding="utf-8")
+    here = Path(__file__).resolve().parent
+    shipped = here / GRAMMAR_NAME   # the wheel puts it beside this module (pyproject.toml)
+    if shipped.is_file():
+        return shipped.read_text(encoding="utf-8")
+    return (here.parent / "grammar" / GRAMMAR_NAME).read_text(encoding="utf-8")
 
 
 class LinePostLexer:
@@ -202,12 +199,6 @@ def _describe(tok: Token) -> str:
     return f"'{printable(str(tok), 40)}'"
 
 
-def _did_you_mean(word: str, choices: list[str]) -> Optional[str]:
-    import difflib
-    best = difflib.get_close_matches(word.lower(), choices, n=1, cutoff=0.6)
-    return f"did you mean '{best[0]}'?" if best else None
-
-
 def _syntax_diag(err: UnexpectedInput, filename: str, lines: list[str]) -> Diagnostic:
     line = err.line if isinstance(err.line, int) and err.line > 0 else len(lines)
     col = err.column if isinstance(err.column, int) and err.column > 0 else 1
@@ -234,7 +225,7 @@ def _syntax_diag(err: UnexpectedInput, filename: str, lines: list[str]) -> Diagn
             span = A.Span(tok.line, tok.column, tok.line, tok.column + 1)
         if _STATEMENT_STARTS <= expected:
             msg = f"unexpected {_describe(tok)}: a statement starts with 'engine', 'if' or 'expect'"
-            hint = _did_you_mean(str(tok), ["engine", "if", "expect"]) if tok.type == "WORD" else None
+            hint = did_you_mean(str(tok), ["engine", "if", "expect"]) if tok.type == "WORD" else None
         elif expected == {"THEN"} or (tok.type == "_NL" and "THEN" in expected):
             msg = f"unexpected {_describe(tok)}: a rule needs 'then' after its condition"
             hint = "write: if CONDITION then try ENGINE first"
