@@ -21,6 +21,9 @@ Patches:
                     under a second ago (server/engines/smarthost.py _deliver)
   no-disk           a ceiling, not a proposal: the spool writes, fsyncs and removes
                     nothing, so the loop's cost without any spool I/O shows (no durability)
+  no-info-log       a ceiling: no INFO lines, so what logging costs shows
+  write-in-thread   the committing thread writes every message too, not only large ones
+                    (INLINE_WRITE_LIMIT = -1), to compare with writing from the loop
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 PATCHES = ("quiet-mail-log", "log-thread", "smtp-init-cache", "free-space-cache", "keep-data",
            "skip-fresh-rset")
-CEILINGS = ("no-disk",)  # not in "all": they give up a promise to show what it costs
+# not in "all": measuring aids, not proposals (no-disk gives up durability to show its cost)
+CEILINGS = ("no-disk", "no-info-log", "write-in-thread")
 
 
 def quiet_mail_log() -> None:
@@ -163,7 +167,17 @@ def no_disk() -> None:
     q.Spool._accept, q.Spool.finish, q.Spool.record = _accept, finish, record  # type: ignore[method-assign]
 
 
-APPLY = {"no-disk": no_disk, "skip-fresh-rset": skip_fresh_rset, "quiet-mail-log": quiet_mail_log, "log-thread": log_thread,
+def no_info_log() -> None:
+    logging.disable(logging.INFO)
+
+
+def write_in_thread() -> None:
+    import server.queue as q
+    q.INLINE_WRITE_LIMIT = -1
+
+
+APPLY = {"no-disk": no_disk, "no-info-log": no_info_log, "write-in-thread": write_in_thread,
+         "skip-fresh-rset": skip_fresh_rset, "quiet-mail-log": quiet_mail_log, "log-thread": log_thread,
          "smtp-init-cache": smtp_init_cache, "free-space-cache": free_space_cache,
          "keep-data": keep_data}
 
