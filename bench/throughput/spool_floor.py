@@ -4,8 +4,8 @@
 
 C writers each commit messages one after another, as C SMTP sessions would (each waits
 for its own 250); reported: commits per second and p50/p99 commit latency, first for
-server.queue.Spool.accept (since 2026-11-29 late: write and rename from the loop, then one
-thread fsyncs the file and the folder), then for a bare write + fsync + rename in a thread
+server.queue.Spool.accept (since 2026-11-29 night: write and rename from the loop, then the
+committing thread fsyncs the file, and the folder once per batch), then for a bare write + fsync + rename in a thread
 pool (no folder fsync), to show what the folder's fsync costs. Runs under uvloop when
 installed, in a scratch folder it removes."""
 
