@@ -248,15 +248,15 @@ def _write_all(fd: int, chunks: Iterable[bytes]) -> None:
             pending[0] = pending[0][done:]
 
 
-def _create_file(path: Path, chunks: Iterable[bytes]) -> int:
-    """Create `path` (must not exist) and write it, not fsynced; returns the open descriptor.
-    On any error the file is removed."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+def _create_file(path: Path | str, chunks: Iterable[bytes], dir_fd: Optional[int] = None) -> int:
+    """Create `path` (must not exist; relative to `dir_fd` when given) and write it, not
+    fsynced; returns the open descriptor. On any error the file is removed."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
     try:
         _write_all(fd, chunks)
     except BaseException:
         os.close(fd)
-        _unlink_quietly(path)
+        _unlink_quietly(path, dir_fd)
         raise
     return fd
 
@@ -340,7 +340,9 @@ class Spool:
         self._executor: Optional[ThreadPoolExecutor] = None
         self._group: Optional[GroupCommit] = None
         self._lock_fd: Optional[int] = None
-        # msg/ and state/ stay open while the spool is: fsyncing one is then one system call
+        # tmp/, msg/ and state/ stay open while the spool is: fsyncing one is then one
+        # system call, and a message's files are named relative to them
+        self._tmp_fd = -1
         self._msg_fd = -1
         self._state_fd = -1
         self._messages: dict[str, QueuedMessage] = {}
@@ -395,6 +397,7 @@ class Spool:
     def _start_io(self) -> None:
         self._executor = ThreadPoolExecutor(self._io_threads, thread_name_prefix="spool-io")
         self._group = GroupCommit()
+        self._tmp_fd = _open_folder(self.tmp_dir)
         self._msg_fd = _open_folder(self.msg_dir)
         self._state_fd = _open_folder(self.state_dir)
 
@@ -405,10 +408,10 @@ class Spool:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
-        for fd in (self._msg_fd, self._state_fd):
+        for fd in (self._tmp_fd, self._msg_fd, self._state_fd):
             if fd >= 0:
                 os.close(fd)
-        self._msg_fd = self._state_fd = -1
+        self._tmp_fd = self._msg_fd = self._state_fd = -1
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
@@ -545,13 +548,13 @@ class Spool:
         start-up).
         """
         line = envelope_line(msg, hashlib.sha256(data).hexdigest())
-        tmp = self.tmp_dir / msg.id
-        fd = _create_file(tmp, (line, data))
+        # names relative to the open folders: no path to build, none for the kernel to walk
+        fd = _create_file(msg.id, (line, data), self._tmp_fd)
         try:
-            os.replace(tmp, self.msg_dir / msg.id)
+            os.replace(msg.id, msg.id, src_dir_fd=self._tmp_fd, dst_dir_fd=self._msg_fd)
         except BaseException:
             os.close(fd)
-            _unlink_quietly(tmp)
+            _unlink_quietly(msg.id, self._tmp_fd)
             raise
         return fd
 
@@ -626,7 +629,7 @@ class Spool:
             self._fresh_bytes += msg.size
 
     def _rollback(self, qid: str) -> None:
-        _unlink_quietly(self.msg_dir / qid)
+        _unlink_quietly(qid, self._msg_fd)
 
     def _register(self, msg: QueuedMessage) -> None:
         if msg.id not in self._messages:
@@ -702,7 +705,7 @@ class Spool:
         self._forget(qid)
 
     def _remove_files(self, qid: str, state_file: bool) -> None:
-        _unlink_quietly(self.msg_dir / qid)
+        _unlink_quietly(qid, self._msg_fd)
         os.fsync(self._msg_fd)
         if state_file:
             self._unlink_state(qid)
@@ -717,7 +720,7 @@ class Spool:
         if self._group is None:
             raise SpoolError(f"spool {self.root} is not open")
         after = functools.partial(self._unlink_state, qid) if qid in self._state_files else None
-        await self._group.submit(functools.partial(_unlink_quietly, self.msg_dir / qid),
+        await self._group.submit(functools.partial(_unlink_quietly, qid, self._msg_fd),
                                  folders=(self._msg_fd,), after=after)
         self._forget(qid)
 
@@ -778,9 +781,9 @@ def _log_orphan_failure(task: "asyncio.Future[QueuedMessage]") -> None:
         log.debug("commit failed: %s", task.exception())
 
 
-def _unlink_quietly(path: Path) -> None:
+def _unlink_quietly(path: Path | str, dir_fd: Optional[int] = None) -> None:
     try:
-        os.unlink(path)
+        os.unlink(path, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
 

@@ -46,26 +46,30 @@ def main() -> None:
             return None
         return os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
 
+    def folder_named(path, dir_fd) -> str:
+        """The folder a path (relative to `dir_fd` when given) is in."""
+        return folder_of(dir_fd) if dir_fd is not None else os.path.basename(os.path.dirname(str(path)))
+
     if point == "mid_write":
         real_create = queue._create_file
 
-        def create(path, chunks):
-            is_state = path.name.endswith(".state")
-            if path.parent.name == "tmp" and is_state == (mode == "state") and nth():
+        def create(path, chunks, dir_fd=None):
+            is_state = str(path).endswith(".state")
+            if folder_named(path, dir_fd) == "tmp" and is_state == (mode == "state") and nth():
                 data = b"".join(chunks)
-                with open(path, "wb") as f:
-                    f.write(data[: len(data) // 2])
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dir_fd)
+                os.write(fd, data[: len(data) // 2])
                 die()
-            return real_create(path, chunks)
+            return real_create(path, chunks, dir_fd)
         queue._create_file = create
     elif point == "before_rename":
         real_replace = os.replace
 
-        def replace(src, dst):
+        def replace(src, dst, *, src_dir_fd=None, dst_dir_fd=None):
             folder = "state" if mode == "state" else "msg"
-            if os.path.basename(os.path.dirname(str(dst))) == folder and nth():
+            if folder_named(dst, dst_dir_fd) == folder and nth():
                 die()
-            return real_replace(src, dst)
+            return real_replace(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
         queue.os.replace = replace  # type: ignore[attr-defined]
     elif point in ("before_filesync", "before_dirsync"):
         real_fsync = os.fsync

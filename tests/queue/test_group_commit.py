@@ -50,8 +50,8 @@ async def test_messages_waiting_together_share_one_folder_fsync_and_wait_for_it(
     held, gate = _hold_first_file_sync(monkeypatch, events)
     real_replace = os.replace
 
-    def replace(src, dst):
-        real_replace(src, dst)
+    def replace(src, dst, **dir_fds):
+        real_replace(src, dst, **dir_fds)
         events.append(f"rename {os.path.basename(dst)}")
     monkeypatch.setattr(queue.os, "replace", replace)
 

@@ -245,7 +245,7 @@ async def test_a_full_disk_fails_the_commit_and_leaves_nothing(spool: Spool, mon
     import errno
     import server.queue as queue
 
-    def full(path, chunks):
+    def full(path, chunks, dir_fd=None):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(queue, "_create_file", full)

@@ -79,9 +79,9 @@ async def test_finish_without_a_state_file_leaves_state_alone_and_removes_the_me
     unlinked: list[str] = []
     real = queue._unlink_quietly
 
-    def spy(path: Path) -> None:
-        unlinked.append(path.parent.name)
-        real(path)
+    def spy(path: Path | str, dir_fd: int | None = None) -> None:
+        unlinked.append("msg" if dir_fd == spool._msg_fd else Path(path).parent.name)
+        real(path, dir_fd)
     monkeypatch.setattr(queue, "_unlink_quietly", spy)
     await asyncio.gather(*(spool.finish(m.id) for m in msgs))
     assert sorted(unlinked) == ["msg"] * 20 + ["state"]  # one state file was written, one removed
@@ -100,10 +100,10 @@ async def test_a_failed_unlink_fails_only_its_own_finish(spool: Spool, monkeypat
     b = await spool.accept("a@x.test", ["c@y.test"], DATA)
     real = queue._unlink_quietly
 
-    def refuse(path: Path) -> None:
-        if path.name == a.id:
+    def refuse(path: Path | str, dir_fd: int | None = None) -> None:
+        if Path(path).name == a.id:
             raise OSError(errno.EACCES, "Permission denied")
-        real(path)
+        real(path, dir_fd)
     monkeypatch.setattr(queue, "_unlink_quietly", refuse)
     results = await asyncio.gather(spool.finish(a.id), spool.finish(b.id), return_exceptions=True)
     assert isinstance(results[0], OSError) and results[1] is None
