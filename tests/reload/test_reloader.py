@@ -303,6 +303,37 @@ async def test_a_relay_started_by_load_snapshot_does_not_reload_an_unchanged_crl
         await asyncio.wait_for(task, 10)
 
 
+async def test_the_active_content_is_not_compiled_again(tmp_path, ctx, monkeypatch):
+    """The first poll after start-up, and a save that puts back the active text, find
+    the active version without compiling the file again."""
+    import server.reload as reload
+    from server.reload import load_snapshot
+
+    path = tmp_path / "routes.rules"
+    path.write_text(VIA_A)
+    initial = await load_snapshot(path, ctx)
+    compiled: list[str] = []
+    real_prepare = reload.prepare
+
+    def prepare(text, filename):
+        compiled.append(text)
+        return real_prepare(text, filename)
+    monkeypatch.setattr(reload, "prepare", prepare)
+    reloader = Reloader(path, ctx, lambda snap: None, initial)
+    task = asyncio.create_task(reloader.run())
+    try:
+        await asyncio.wait_for(reloader.ready.wait(), 5)
+        first = await reloader.reload_now("probe")          # what the first poll does
+        save_atomic(path, VIA_A)                            # a save that changes nothing
+        again = await reloader.reload_now("file changed")
+        forced = await reloader.reload_now("SIGHUP", force=True)   # SIGHUP still rebuilds
+        assert [r.detail for r in (first, again)] == ["unchanged", "unchanged"]
+        assert forced.accepted and compiled == [VIA_A]
+    finally:
+        reloader.stop()
+        await asyncio.wait_for(task, 10)
+
+
 async def test_a_replaced_engine_finishes_its_delivery_in_flight_then_closes(tmp_path, ctx):
     from server.engines.base import Envelope
     from tests.reload.sinks import Sink
