@@ -260,10 +260,14 @@ def version_of(text: str) -> str:
 def build_table(rf: A.RulesFile, engines: tuple[EngineSpec, ...], text: str, filename: str) -> RouteTable:
     order = tuple(e.name for e in engines)
     rules = rf.rules
+    # What a decision needs of each rule: its action, line and text, not the syntax tree
+    # of its condition (compiled into predicates below), which the table would otherwise
+    # keep alive as long as it lives. Decisions themselves are still made on first use.
+    said = [(r.action, r.span.line, str(r)) for r in rules]
 
     def decide(i: int) -> Decision:
-        r = rules[i]
-        return Decision(plan_of(r.action, order), RuleRef(filename, r.span.line, str(r)))
+        action, line, text = said[i]
+        return Decision(plan_of(action, order), RuleRef(filename, line, text))
 
     router = IndexedRouter([r.condition for r in rules], decide)
     return RouteTable(engines, router, Decision(order, None), rule_count=len(rules),
