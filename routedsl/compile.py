@@ -260,14 +260,17 @@ def version_of(text: str) -> str:
 def build_table(rf: A.RulesFile, engines: tuple[EngineSpec, ...], text: str, filename: str) -> RouteTable:
     order = tuple(e.name for e in engines)
     rules = rf.rules
-    # What a decision needs of each rule: its action, line and text, not the syntax tree
-    # of its condition (compiled into predicates below), which the table would otherwise
-    # keep alive as long as it lives. Decisions themselves are still made on first use.
-    said = [(r.action, r.span.line, str(r)) for r in rules]
+    # What a decision needs of each rule: its plan (one tuple per distinct plan), line and
+    # text, not its syntax tree (the condition is compiled into predicates below), which
+    # the table would otherwise keep alive as long as it lives. Decisions themselves are
+    # still made on first use.
+    plans: dict[tuple[str, ...], tuple[str, ...]] = {}
+    said = [(plans.setdefault(p, p), r.span.line, str(r))
+            for r in rules for p in (plan_of(r.action, order),)]
 
     def decide(i: int) -> Decision:
-        action, line, text = said[i]
-        return Decision(plan_of(action, order), RuleRef(filename, line, text))
+        plan, line, text = said[i]
+        return Decision(plan, RuleRef(filename, line, text))
 
     router = IndexedRouter([r.condition for r in rules], decide)
     return RouteTable(engines, router, Decision(order, None), rule_count=len(rules),
