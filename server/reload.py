@@ -35,8 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Awaitable, Callable, Coroutine, Optional
 
-from server.snapshot import (Prepared, ReloadRefused, Snapshot, assemble, decode_rules,
-                             prepare, retired_engines)
+from routedsl.compile import version_of
+from server.snapshot import (ReloadRefused, Snapshot, assemble, decode_rules, prepare,
+                             retired_engines)
 
 if TYPE_CHECKING:
     from server.engines.base import EngineContext
@@ -154,23 +155,6 @@ async def load_snapshot(path: str | os.PathLike[str], ctx: "EngineContext") -> S
     # compile's short-lived objects stayed in that thread's malloc arena for good (1.5 MiB
     # with 1,000 rules, a twentieth of the relay's memory). Reloads still compile off the loop.
     return assemble(prepare(decode_rules(data, str(path)), str(path)), ctx)
-
-
-def _is_version(data: bytes, filename: str, version: str) -> bool:
-    """Whether the file's bytes decode to the text of rules `version` (cheap: no compile)."""
-    from routedsl.compile import version_of
-    try:
-        return version_of(decode_rules(data, filename)) == version
-    except ReloadRefused:   # not UTF-8: certainly not the active text
-        return False
-
-
-async def _prepare(data: bytes, filename: str) -> Prepared:
-    """Decode and compile the file's bytes, resolve its secrets (off the loop).
-
-    Raises ReloadRefused."""
-    text = decode_rules(data, filename)
-    return await asyncio.to_thread(prepare, text, filename)
 
 
 def _watch_key(path: Path) -> tuple[frozenset[str], frozenset[str], tuple[int, ...]]:
@@ -348,13 +332,15 @@ class Reloader:
         if digest == self._seen_digest and not force:
             return self._result(self._refused is None, reason, "unchanged", started)
         self._seen_digest = digest
-        if not force and _is_version(data, str(self.path), active):
-            # The active content (the first poll after start-up, or a save undone):
-            # nothing to compile. A compile in a worker thread also leaves its garbage in
-            # that thread's malloc arena (2.4 MiB for 1,000 rules).
-            return await self._unchanged(reason, started)
         try:
-            prepared = await _prepare(data, str(self.path))
+            text = decode_rules(data, str(self.path))
+            if not force and version_of(text) == active:
+                # The active content (the first poll after start-up, or a save undone):
+                # nothing to compile. A compile in a worker thread also leaves its garbage
+                # in that thread's malloc arena (2.4 MiB for 1,000 rules).
+                return await self._unchanged(reason, started)
+            # compiled and its secrets read off the loop
+            prepared = await asyncio.to_thread(prepare, text, str(self.path))
         except ReloadRefused as exc:
             return await self._refuse(reason, exc.text, started)
         if prepared.table.version == active and not force:
