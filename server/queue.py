@@ -608,15 +608,14 @@ class Spool:
         # A small message is written and renamed from the loop (a few page-cache calls
         # cost less than a thread hop); the committing thread fsyncs it, and msg/ once for
         # its whole batch. A larger one is written there too.
-        if self._group is None:
-            raise SpoolError(f"spool {self.root} is not open")
+        group = self._committer()
         msg = self._new_message(sender, recipients, data, smtputf8, kind)
         if len(data) <= INLINE_WRITE_LIMIT:
             work = functools.partial(self._sync_file, msg, self._write_message(msg, data))
         else:
             work = functools.partial(self._write_and_sync, msg, data)
-        await self._group.submit(work, folders=(self._msg_fd,),
-                                 undo=functools.partial(self._rollback, msg.id))
+        await group.submit(work, folders=(self._msg_fd,),
+                           undo=functools.partial(self._rollback, msg.id))
         self._hand_over(msg, data)
         return msg
 
@@ -679,11 +678,10 @@ class Spool:
         """
         if state.id not in self._messages:
             raise KeyError(state.id)
-        if self._group is None:
-            raise SpoolError(f"spool {self.root} is not open")
+        group = self._committer()
         self._state_files.add(state.id)
-        await self._group.submit(functools.partial(self._replace_state_file, state),
-                                 folders=(self._state_fd,))
+        await group.submit(functools.partial(self._replace_state_file, state),
+                           folders=(self._state_fd,))
         self._states[state.id] = state
 
     def note(self, state: MessageState) -> None:
@@ -701,14 +699,10 @@ class Spool:
 
     def remove(self, qid: str) -> None:
         """Drop a message whose recipients are all final, or that an operator deleted (blocking)."""
-        self._remove_files(qid, True)
-        self._forget(qid)
-
-    def _remove_files(self, qid: str, state_file: bool) -> None:
         _unlink_quietly(qid, self._msg_fd)
         os.fsync(self._msg_fd)
-        if state_file:
-            self._unlink_state(qid)
+        self._unlink_state(qid)
+        self._forget(qid)
 
     def _unlink_state(self, qid: str) -> None:
         # only after msg/ID is gone for good (see the removal order above)
@@ -717,11 +711,9 @@ class Spool:
     async def finish(self, qid: str) -> None:
         """`remove` for the event loop, in the committing thread (msg/ fsynced once per
         batch); state/ID.json is unlinked only when one was ever written."""
-        if self._group is None:
-            raise SpoolError(f"spool {self.root} is not open")
         after = functools.partial(self._unlink_state, qid) if qid in self._state_files else None
-        await self._group.submit(functools.partial(_unlink_quietly, qid, self._msg_fd),
-                                 folders=(self._msg_fd,), after=after)
+        await self._committer().submit(functools.partial(_unlink_quietly, qid, self._msg_fd),
+                                       folders=(self._msg_fd,), after=after)
         self._forget(qid)
 
     # -- control requests (from `routedsl queue` while this relay holds the lock)
@@ -763,6 +755,11 @@ class Spool:
         await self._run(self.answer, req, ok, message)
 
     # -- plumbing
+
+    def _committer(self) -> GroupCommit:
+        if self._group is None:
+            raise SpoolError(f"spool {self.root} is not open")
+        return self._group
 
     async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
         if self._executor is None:
