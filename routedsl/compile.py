@@ -265,8 +265,10 @@ def build_table(rf: A.RulesFile, engines: tuple[EngineSpec, ...], text: str, fil
     # the table would otherwise keep alive as long as it lives. Decisions themselves are
     # still made on first use.
     plans: dict[tuple[str, ...], tuple[str, ...]] = {}
-    said = [(plans.setdefault(p, p), r.span.line, str(r))
-            for r in rules for p in (plan_of(r.action, order),)]
+    said = []
+    for r in rules:
+        plan = plan_of(r.action, order)
+        said.append((plans.setdefault(plan, plan), r.span.line, str(r)))
 
     def decide(i: int) -> Decision:
         plan, line, text = said[i]
