@@ -198,7 +198,7 @@ class Relay:
         self.snapshot = await self._initial_snapshot()
 
         from server.queue import Spool, SpoolError
-        self.spool = Spool(cfg.spool)
+        self.spool = Spool(cfg.spool, use_journal=True)
         try:
             waiting = await asyncio.to_thread(self.spool.open)
         except SpoolError as exc:   # in use by another relay, or not usable

@@ -6,12 +6,14 @@ renamed over the target, then the folder fsynced so the rename itself survives. 
 spool's own files are written by server/queue.py, which has its own naming and recovery.
 
 It never leaves the temporary file behind when something fails, and never chooses a mode.
+Also the two low-level steps the spool's files share (server/queue.py, server/journal.py).
 """
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterable, Optional
 
 
 def replace_file(path: str | os.PathLike[str], data: bytes, *, mode: int) -> None:
@@ -37,3 +39,22 @@ def replace_file(path: str | os.PathLike[str], data: bytes, *, mode: int) -> Non
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_all(fd: int, chunks: Iterable[bytes]) -> None:
+    """Write every chunk (one writev for the usual envelope line and message)."""
+    pending = [memoryview(c) for c in chunks if c]
+    while pending:
+        done = os.writev(fd, pending)
+        while pending and done >= len(pending[0]):
+            done -= len(pending[0])
+            pending.pop(0)
+        if done:
+            pending[0] = pending[0][done:]
+
+
+def unlink_quietly(path: str | os.PathLike[str], dir_fd: Optional[int] = None) -> None:
+    try:
+        os.unlink(path, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass

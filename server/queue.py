@@ -12,20 +12,26 @@ rename):
 
     lock              flock'ed by the relay that owns the spool; holds its pid
     tmp/              files being written; never acknowledged; dropped at start-up
+    journal/SEQ       the relay's own small messages, appended, until their first attempt
+                      ends (server/journal.py); moved to msg/ at start-up
     msg/ID            one committed message: a JSON envelope line, then the raw bytes
     state/ID.json     per-recipient state (versioned JSON); absent = every recipient pending
     corrupt/          quarantine for torn or unparseable files (never silently deleted)
     control/          requests from `routedsl queue` (NAME.req) and the relay's answers (NAME.res)
 
-The relay's own commits (`accept`) write and rename a small message from the event loop
-itself (a few page-cache system calls cost less than a round trip through a thread), then
-the committing thread (server/group_commit.py) fsyncs the file, and msg/ once for all the
-messages, removals and state writes of its batch (group commit); on a journalling file
-system the file's fsync commits the rename with it, so the folder's finds little left to
-do. A message is acknowledged only after both, so a crash in between leaves a message nobody was told about:
-whole (delivered, at worst a duplicate) or torn (quarantined at start-up). The first delivery
-attempt of a message just accepted uses the bytes still in memory (bounded); later
-attempts read the file.
+The relay's own commits (`accept`, with `journal=True`) append a small message to the
+journal from the event loop itself (a page-cache write costs less than a round trip through
+a thread); the committing thread (server/group_commit.py) then fsyncs the journal once for
+every message, removal and state write of its batch (group commit). A message is
+acknowledged only after that fsync. It leaves the journal with a done mark when its first
+attempt finishes it, or is copied to msg/ before its first state write: only messages that
+wait, or whose recipients differ in outcome, ever get files of their own. Without the
+journal (an SMTP intake process's commits, messages over 128 KiB, and `put`), a message is
+written to tmp/, renamed into msg/, and acknowledged only after the file's fsync and then
+msg/'s. Either way a crash before the acknowledgement leaves a message nobody was told
+about: whole (delivered, at worst a duplicate) or torn (dropped or quarantined at
+start-up). The first delivery attempt of a message just accepted uses the bytes still in
+memory (bounded); later attempts read the journal or the file.
 
 The envelope line carries the data's size and SHA-256, so a torn or altered message is
 detected (at start-up by size, before delivery by checksum) and quarantined. State files
@@ -54,6 +60,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Literal, Optional
 
+from server import journal
+from server.files import unlink_quietly as _unlink_quietly, write_all as _write_all
 from server.group_commit import GroupCommit
 
 log = logging.getLogger("routedsl.queue")
@@ -236,18 +244,6 @@ def _open_folder(path: Path) -> int:
     return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
-def _write_all(fd: int, chunks: Iterable[bytes]) -> None:
-    """Write every chunk (one writev for the usual envelope line and message)."""
-    pending = [memoryview(c) for c in chunks if c]
-    while pending:
-        done = os.writev(fd, pending)
-        while pending and done >= len(pending[0]):
-            done -= len(pending[0])
-            pending.pop(0)
-        if done:
-            pending[0] = pending[0][done:]
-
-
 def _create_file(path: Path | str, chunks: Iterable[bytes], dir_fd: Optional[int] = None) -> int:
     """Create `path` (must not exist; relative to `dir_fd` when given) and write it, not
     fsynced; returns the open descriptor. On any error the file is removed."""
@@ -328,9 +324,10 @@ class Spool:
     server/group_commit.py), their reads through the spool's own thread pool.
     """
 
-    def __init__(self, root: Path | str, *, io_threads: int = 16) -> None:
+    def __init__(self, root: Path | str, *, io_threads: int = 16, use_journal: bool = False) -> None:
         self.root = Path(root)
         self.tmp_dir = self.root / "tmp"
+        self.journal_dir = self.root / "journal"
         self.msg_dir = self.root / "msg"
         self.state_dir = self.root / "state"
         self.corrupt_dir = self.root / "corrupt"
@@ -340,6 +337,10 @@ class Spool:
         self._executor: Optional[ThreadPoolExecutor] = None
         self._group: Optional[GroupCommit] = None
         self._lock_fd: Optional[int] = None
+        # the relay's own spool commits its small messages to the journal (server/journal.py)
+        self._use_journal = use_journal
+        self._journal: Optional[journal.Journal] = None
+        self._journal_seq = 1
         # tmp/, msg/ and state/ stay open while the spool is: fsyncing one is then one
         # system call, and a message's files are named relative to them
         self._tmp_fd = -1
@@ -368,7 +369,7 @@ class Spool:
         cannot be used.
         """
         try:
-            for d in (self.root, self.tmp_dir, self.msg_dir, self.state_dir,
+            for d in (self.root, self.tmp_dir, self.journal_dir, self.msg_dir, self.state_dir,
                       self.corrupt_dir, self.control_dir):
                 d.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -383,7 +384,10 @@ class Spool:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
         self._start_io()
+        self._replay_journal()
         self._recover()
+        if self._use_journal:
+            self._journal = journal.Journal(self.journal_dir, self._journal_seq)
         return self.messages()
 
     def open_for_intake(self, hand_over: Callable[[QueuedMessage, bytes], None]) -> None:
@@ -405,6 +409,9 @@ class Spool:
         if self._group is not None:
             self._group.close()
             self._group = None
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
@@ -424,6 +431,35 @@ class Spool:
         self.close()
 
     # -- recovery
+
+    def _replay_journal(self) -> None:
+        """Move every message the journal still holds (no done mark, not yet in msg/) to
+        msg/, durably, then delete the segments: afterwards only msg/ and state/ matter."""
+        names = journal.segment_names(self.journal_dir)
+        if not names:
+            return
+        contents = journal.read(self.journal_dir)
+        moved = 0
+        for rec in contents.live:
+            if _is_whole(self.msg_dir / rec.id):
+                continue   # copied to msg/ before its done mark was durable
+            fd = _create_file(rec.id, (rec.line, rec.data), self._tmp_fd)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(rec.id, rec.id, src_dir_fd=self._tmp_fd, dst_dir_fd=self._msg_fd)
+            moved += 1
+        os.fsync(self._msg_fd)
+        for name in names:
+            if name in contents.damaged:
+                self._quarantine(self.journal_dir / name, "a journal record is torn or unreadable "
+                                 "(the messages before it were recovered)")
+            else:
+                _unlink_quietly(self.journal_dir / name)
+        fsync_dir(self.journal_dir)
+        self._journal_seq = int(names[-1], 16) + 1
+        log.info("journal: %d message(s) moved to msg/, %d segment(s) emptied", moved, len(names))
 
     def _recover(self) -> None:
         for p in sorted(self.tmp_dir.iterdir()):
@@ -506,6 +542,8 @@ class Spool:
 
     def read_data(self, qid: str) -> bytes:
         """The message bytes, checked against the envelope's SHA-256 (blocking)."""
+        if self._journal is not None and qid in self._journal:
+            return self._read_journaled(qid)
         path = self.msg_dir / qid
         with open(path, "rb") as f:
             line = f.readline(_MAX_HEADER_LINE)
@@ -518,12 +556,33 @@ class Spool:
             raise CorruptMessage(f"message {qid} failed its checksum and was quarantined")
         return data
 
+    def _read_journaled(self, qid: str) -> bytes:
+        """A message's bytes from the journal, checked (blocking). On a mismatch a copy goes
+        to corrupt/ and CorruptMessage is raised; `load` then takes it out of the journal."""
+        assert self._journal is not None
+        line, data = self._journal.read(qid, self._messages[qid].size)
+        _msg, digest = parse_envelope(line)
+        if hashlib.sha256(data).hexdigest() != digest:
+            dest = self.corrupt_dir / f"{qid}.journal.{time.time_ns()}"
+            _write_file(dest, (line, data))
+            log.error("message %s in the journal failed its checksum; a copy is in corrupt/%s",
+                      qid, dest.name)
+            raise CorruptMessage(f"message {qid} failed its checksum and was quarantined")
+        return data
+
     async def load(self, qid: str) -> bytes:
         """The message bytes: those just accepted for a first attempt, else read and checked."""
         data = self._fresh.pop(qid, None)
         if data is not None:
             self._fresh_bytes -= len(data)
             return data
+        if self._journal is not None and qid in self._journal:
+            try:
+                return await self._run(self._read_journaled, qid)
+            except CorruptMessage:
+                await self._leave_journal(qid)
+                self._forget(qid)
+                raise
         return await self._run(self.read_data, qid)
 
     # -- committing messages
@@ -610,6 +669,16 @@ class Spool:
         # its whole batch. A larger one is written there too.
         group = self._committer()
         msg = self._new_message(sender, recipients, data, smtputf8, kind)
+        if self._journal is not None and len(data) <= INLINE_WRITE_LIMIT:
+            seg = self._journal.append(msg.id, envelope_line(msg, hashlib.sha256(data).hexdigest()), data)
+            try:
+                await group.submit(_nothing, folders=self._journal.sync_fds(seg))
+            except BaseException:
+                self._drop_from_journal(msg.id)
+                raise
+            seg.announced = True
+            self._hand_over(msg, data)
+            return msg
         if len(data) <= INLINE_WRITE_LIMIT:
             work = functools.partial(self._sync_file, msg, self._write_message(msg, data))
         else:
@@ -672,13 +741,16 @@ class Spool:
 
     async def record(self, state: MessageState) -> None:
         """`write_state` for the event loop (in the committing thread, state/ fsynced once
-        per batch); returns once the new state is durable.
+        per batch); returns once the new state is durable. A message still in the journal
+        is first copied to msg/: a state file always has its message file.
 
         Writes for one message must not overlap (the scheduler serialises them per message).
         """
         if state.id not in self._messages:
             raise KeyError(state.id)
         group = self._committer()
+        if self._journal is not None and state.id in self._journal:
+            await self._move_to_msg(state.id)
         self._state_files.add(state.id)
         await group.submit(functools.partial(self._replace_state_file, state),
                            folders=(self._state_fd,))
@@ -710,11 +782,57 @@ class Spool:
 
     async def finish(self, qid: str) -> None:
         """`remove` for the event loop, in the committing thread (msg/ fsynced once per
-        batch); state/ID.json is unlinked only when one was ever written."""
+        batch); state/ID.json is unlinked only when one was ever written. A message still
+        in the journal gets a done mark instead."""
+        if self._journal is not None and qid in self._journal:
+            await self._leave_journal(qid)
+            self._forget(qid)
+            return
         after = functools.partial(self._unlink_state, qid) if qid in self._state_files else None
         await self._committer().submit(functools.partial(_unlink_quietly, qid, self._msg_fd),
                                        folders=(self._msg_fd,), after=after)
         self._forget(qid)
+
+    # -- the journal
+
+    async def _leave_journal(self, qid: str) -> None:
+        """Take a message out of the journal: a done mark, durable when this returns."""
+        assert self._journal is not None
+        seg = self._journal.mark_done(qid)
+        await self._committer().submit(_nothing, folders=self._journal.sync_fds(seg))
+        seg.announced = True
+        self._delete_segments(self._journal.settle(qid))
+
+    def _drop_from_journal(self, qid: str) -> None:
+        """A message whose commit failed: never acknowledged, so a done mark is written
+        without waiting for it (were it lost, a restart would deliver the message anyway)."""
+        assert self._journal is not None
+        try:
+            self._journal.mark_done(qid)
+        except OSError as exc:
+            log.warning("journal: no done mark for refused message %s: %s", qid, exc)
+        self._delete_segments(self._journal.settle(qid))
+
+    def _delete_segments(self, segments: list[journal.Segment]) -> None:
+        """Unlink emptied segments in the committing thread, oldest first (a later segment
+        may hold the done marks of an earlier one's messages)."""
+        if not segments:
+            return
+        j, group = self._journal, self._committer()
+        assert j is not None
+        for seg in segments:
+            future = group.submit(functools.partial(j.delete, seg), folders=(j.dir_fd,),
+                                  after=functools.partial(j.release, seg))
+            future.add_done_callback(_log_segment_failure)
+
+    async def _move_to_msg(self, qid: str) -> None:
+        """Copy a journaled message to msg/ (durably), then take it out of the journal."""
+        msg = self._messages[qid]
+        data = await self._run(self._read_journaled, qid)
+        await self._committer().submit(functools.partial(self._write_and_sync, msg, data),
+                                       folders=(self._msg_fd,),
+                                       undo=functools.partial(self._rollback, msg.id))
+        await self._leave_journal(qid)
 
     # -- control requests (from `routedsl queue` while this relay holds the lock)
 
@@ -773,16 +891,18 @@ def _in_thread(executor: ThreadPoolExecutor, fn, *args) -> "asyncio.Future":  # 
     return asyncio.wrap_future(executor.submit(fn, *args))
 
 
+def _nothing() -> None:
+    """The work of a group-commit job that only needs its folders fsynced."""
+
+
+def _log_segment_failure(future: "asyncio.Future[None]") -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("journal: could not delete an emptied segment: %s", future.exception())
+
+
 def _log_orphan_failure(task: "asyncio.Future[QueuedMessage]") -> None:
     if not task.cancelled() and task.exception() is not None:
         log.debug("commit failed: %s", task.exception())
-
-
-def _unlink_quietly(path: Path | str, dir_fd: Optional[int] = None) -> None:
-    try:
-        os.unlink(path, dir_fd=dir_fd)
-    except FileNotFoundError:
-        pass
 
 
 # ---------------------------------------------------------------- for tools (no lock needed)
@@ -814,29 +934,56 @@ class Entry:
     state_error: Optional[str] = None
 
 
+def _is_whole(path: Path) -> bool:
+    try:
+        read_envelope(path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
+def _journaled(root: Path | str) -> dict[str, journal.Record]:
+    """The messages in journal/ (waiting for, or in, their first attempt), by id."""
+    return {r.id: r for r in journal.read(Path(root) / "journal").live}
+
+
 def scan(root: Path | str) -> list[Entry]:
-    """Read the spool without locking it (files are replaced atomically; vanishing ones skipped)."""
-    msg_dir, state_dir = Path(root) / "msg", Path(root) / "state"
+    """Read the spool without locking it (files are replaced atomically; vanishing ones
+    skipped; the journal is only appended to)."""
+    msg_dir = Path(root) / "msg"
     out = []
     try:
         names = sorted(p.name for p in msg_dir.iterdir() if is_queue_id(p.name))
     except FileNotFoundError:
         return []
     for name in names:
-        entry = read_entry(root, name)
+        entry = read_entry(root, name, {})
+        if entry is not None:
+            out.append(entry)
+    listed = set(names)
+    journaled = _journaled(root)
+    for qid in journaled.keys() - listed:
+        entry = read_entry(root, qid, journaled)
         if entry is not None:
             out.append(entry)
     out.sort(key=lambda e: (e.message.arrival, e.message.id))
     return out
 
 
-def read_entry(root: Path | str, qid: str) -> Optional[Entry]:
+def read_entry(root: Path | str, qid: str,
+               journaled: Optional[dict[str, journal.Record]] = None) -> Optional[Entry]:
+    """A message's envelope and state, from msg/ or else the journal (`journaled`: the
+    journal already read, or None to read it when msg/ has no such file)."""
     if not is_queue_id(qid):
         return None
     try:
         msg, _digest, _off = read_envelope(Path(root) / "msg" / qid)
     except FileNotFoundError:
-        return None
+        rec = (_journaled(root) if journaled is None else journaled).get(qid)
+        if rec is None:
+            return None
+        msg = parse_envelope(rec.line)[0]
+        return Entry(msg, MessageState.initial(msg))
     except (OSError, ValueError, KeyError, TypeError):
         return None  # torn: the relay quarantines it at start-up
     try:
@@ -850,9 +997,15 @@ def read_entry(root: Path | str, qid: str) -> Optional[Entry]:
 
 def read_headers(root: Path | str, qid: str, limit: int = 64 * 1024) -> bytes:
     """The header section of a committed message (up to `limit` bytes)."""
-    with open(Path(root) / "msg" / qid, "rb") as f:
-        f.readline(_MAX_HEADER_LINE)
-        head = f.read(limit)
+    try:
+        with open(Path(root) / "msg" / qid, "rb") as f:
+            f.readline(_MAX_HEADER_LINE)
+            head = f.read(limit)
+    except FileNotFoundError:
+        rec = _journaled(root).get(qid)
+        if rec is None:
+            raise
+        head = rec.data[:limit]
     return header_section(head)
 
 

@@ -8,8 +8,10 @@ POINT is where the k-th commit dies with SIGKILL:
   before_filesync renamed into msg/ before the file's own fsync
   before_dirsync renamed into msg/, the folder not yet fsynced (never acknowledged)
   after_ack     put() returned and the ACK line was printed
-MODE is "put" (one at a time), "accept" (10 concurrent accepts) or "state"
-(one message whose state file is rewritten COUNT times; the k-th rewrite dies).
+MODE is "put" (one at a time), "accept" (10 concurrent accepts), "journal" (the same
+through the journal: mid_write cuts the k-th record short, before_filesync dies at the k-th
+fsync of a segment) or "state" (one message whose state file is rewritten COUNT times; the
+k-th rewrite dies).
 Each acknowledged message is printed as "ACK <id> <index>" and flushed before going on.
 """
 from __future__ import annotations
@@ -50,7 +52,19 @@ def main() -> None:
         """The folder a path (relative to `dir_fd` when given) is in."""
         return folder_of(dir_fd) if dir_fd is not None else os.path.basename(os.path.dirname(str(path)))
 
-    if point == "mid_write":
+    if point == "mid_write" and mode == "journal":
+        import server.journal as journal
+        real_write = journal.write_all
+
+        def append(fd, chunks):
+            chunks = tuple(chunks)
+            if len(chunks) == 2 and nth():   # a message's record (a done mark is one chunk)
+                data = b"".join(chunks)
+                os.write(fd, data[: len(data) // 2])
+                die()
+            return real_write(fd, chunks)
+        journal.write_all = append
+    elif point == "mid_write":
         real_create = queue._create_file
 
         def create(path, chunks, dir_fd=None):
@@ -81,7 +95,7 @@ def main() -> None:
             return real_fsync(fd)
         queue.os.fsync = fsync  # type: ignore[attr-defined]
 
-    spool = queue.Spool(root)
+    spool = queue.Spool(root, use_journal=mode == "journal")
     spool.open()
 
     def ack(msg, i: int) -> None:
