@@ -27,6 +27,10 @@ Rules that keep every acknowledged message:
   * At start-up (`replay`), every message without a done mark and not already in msg/
     goes to msg/ the ordinary way; then the segments are deleted. Afterwards the rest of
     the spool sees only msg/ and state/.
+
+The cost of deleting oldest first: a message whose first attempt is slow to end (a next hop
+that takes its full timeouts) keeps its segment, and every segment written after it, on
+disk until it ends: at most the attempt's timeouts times the rate of accepted mail.
 """
 from __future__ import annotations
 
