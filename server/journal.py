@@ -91,7 +91,7 @@ def segment_names(folder: Path) -> list[str]:
 def _records(blob: bytes) -> Iterator[tuple[str, Optional[Record], Optional[str]]]:
     """("done", None, id) and ("msg", record, None) for each record; stops at the first
     unreadable one after yielding ("bad", None, why)."""
-    from server.queue import parse_envelope
+    from server.queue import parse_envelope   # here: server.queue imports this module
     pos = 0
     while pos < len(blob):
         end = blob.find(b"\n", pos, pos + _MAX_LINE)
