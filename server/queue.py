@@ -19,7 +19,7 @@ rename):
     corrupt/          quarantine for torn or unparseable files (never silently deleted)
     control/          requests from `routedsl queue` (NAME.req) and the relay's answers (NAME.res)
 
-The relay's own commits (`accept`, with `journal=True`) append a small message to the
+The relay's own commits (`accept`, with `use_journal=True`) append a small message to the
 journal from the event loop itself (a page-cache write costs less than a round trip through
 a thread); the committing thread (server/group_commit.py) then fsyncs the journal once for
 every message, removal and state write of its batch (group commit). A message is
