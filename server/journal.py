@@ -28,9 +28,10 @@ Rules that keep every acknowledged message:
     goes to msg/ the ordinary way; then the segments are deleted. Afterwards the rest of
     the spool sees only msg/ and state/.
 
-The cost of deleting oldest first: a message whose first attempt is slow to end (a next hop
-that takes its full timeouts) keeps its segment, and every segment written after it, on
-disk until it ends: at most the attempt's timeouts times the rate of accepted mail.
+Deleting oldest first means one message whose first attempt is slow to end (a next hop
+that takes its full timeouts) would keep its segment, and every later one, on disk. So once
+more than SEGMENT_LIMIT segments exist, the spool copies the oldest one's remaining
+messages to msg/ (server/queue.py, `Spool._relieve`), and the segment can go.
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ from server.files import unlink_quietly, write_all
 log = logging.getLogger("routedsl.queue")
 
 SEGMENT_BYTES = 16 * 1024 * 1024   # a new segment is started once the current one is this big
+SEGMENT_LIMIT = 4                  # more segments than this: the oldest one's messages go to msg/
 _SEGMENT_RE = re.compile(r"^[0-9A-F]{16}$")
 _DONE = b"D "
 _MAX_LINE = 4 * 1024 * 1024
@@ -157,6 +159,17 @@ class Journal:
 
     def __len__(self) -> int:
         return len(self._where)
+
+    @property
+    def segment_count(self) -> int:
+        return len(self._segments)
+
+    def oldest(self) -> list[str]:
+        """The messages still in the oldest segment (when it is not the one appended to)."""
+        if len(self._segments) < 2:
+            return []
+        first = self._segments[0]
+        return [qid for qid, (seg, _off, _len) in self._where.items() if seg is first]
 
     def close(self) -> None:
         for seg in self._segments:

@@ -341,6 +341,11 @@ class Spool:
         self._use_journal = use_journal
         self._journal: Optional[journal.Journal] = None
         self._journal_seq = 1
+        # journaled messages an attempt is reading or taking out (the relief leaves them),
+        # and those the relief is copying to msg/ (an attempt's step waits for it first)
+        self._touching: set[str] = set()
+        self._moving: dict[str, "asyncio.Future[None]"] = {}
+        self._relief: Optional["asyncio.Task[None]"] = None
         # tmp/, msg/ and state/ stay open while the spool is: fsyncing one is then one
         # system call, and a message's files are named relative to them
         self._tmp_fd = -1
@@ -576,13 +581,16 @@ class Spool:
         if data is not None:
             self._fresh_bytes -= len(data)
             return data
-        if self._journal is not None and qid in self._journal:
+        if await self._in_journal(qid):
+            self._touching.add(qid)
             try:
                 return await self._run(self._read_journaled, qid)
             except CorruptMessage:
                 await self._leave_journal(qid)
                 self._forget(qid)
                 raise
+            finally:
+                self._touching.discard(qid)
         return await self._run(self.read_data, qid)
 
     # -- committing messages
@@ -678,6 +686,8 @@ class Spool:
                 raise
             seg.announced = True
             self._hand_over(msg, data)
+            if self._journal.segment_count > journal.SEGMENT_LIMIT and self._relief is None:
+                self._relief = asyncio.ensure_future(self._relieve())
             return msg
         if len(data) <= INLINE_WRITE_LIMIT:
             work = functools.partial(self._sync_file, msg, self._write_message(msg, data))
@@ -749,8 +759,12 @@ class Spool:
         if state.id not in self._messages:
             raise KeyError(state.id)
         group = self._committer()
-        if self._journal is not None and state.id in self._journal:
-            await self._move_to_msg(state.id)
+        if await self._in_journal(state.id):
+            self._touching.add(state.id)
+            try:
+                await self._move_to_msg(state.id)
+            finally:
+                self._touching.discard(state.id)
         self._state_files.add(state.id)
         await group.submit(functools.partial(self._replace_state_file, state),
                            folders=(self._state_fd,))
@@ -784,8 +798,12 @@ class Spool:
         """`remove` for the event loop, in the committing thread (msg/ fsynced once per
         batch); state/ID.json is unlinked only when one was ever written. A message still
         in the journal gets a done mark instead."""
-        if self._journal is not None and qid in self._journal:
-            await self._leave_journal(qid)
+        if await self._in_journal(qid):
+            self._touching.add(qid)
+            try:
+                await self._leave_journal(qid)
+            finally:
+                self._touching.discard(qid)
             self._forget(qid)
             return
         after = functools.partial(self._unlink_state, qid) if qid in self._state_files else None
@@ -794,6 +812,41 @@ class Spool:
         self._forget(qid)
 
     # -- the journal
+
+    async def _in_journal(self, qid: str) -> bool:
+        """Is the message still in the journal? Waits first for its copy to msg/ by the
+        relief, if one is under way. The caller then marks it in `_touching` before its
+        next await, so the relief leaves it alone."""
+        moving = self._moving.get(qid)
+        if moving is not None:
+            await asyncio.shield(moving)
+        return self._journal is not None and qid in self._journal
+
+    async def _relieve(self) -> None:
+        """Copy the oldest segment's remaining messages to msg/ while there are more than
+        SEGMENT_LIMIT segments, so one slow first attempt cannot hold the journal's disk
+        space. Messages an attempt is reading or taking out are left; the next commit past
+        the limit tries again."""
+        try:
+            while self._journal is not None and self._journal.segment_count > journal.SEGMENT_LIMIT:
+                ids = [q for q in self._journal.oldest()
+                       if q in self._messages and q not in self._touching and q not in self._moving]
+                if not ids:
+                    return
+                for qid in ids:
+                    if qid in self._touching or qid not in self._journal:
+                        continue   # an attempt took it out, or is at it, meanwhile
+                    moved = asyncio.get_running_loop().create_future()
+                    self._moving[qid] = moved
+                    try:
+                        await self._move_to_msg(qid)
+                    finally:
+                        del self._moving[qid]
+                        moved.set_result(None)
+        except (OSError, SpoolError) as exc:
+            log.warning("journal: could not move the oldest segment's messages to msg/: %s", exc)
+        finally:
+            self._relief = None
 
     async def _leave_journal(self, qid: str) -> None:
         """Take a message out of the journal: a done mark, durable when this returns."""

@@ -4,6 +4,7 @@ before its first state write), survives a restart as an ordinary msg/ file, and 
 to `routedsl queue` while it is there. Emptied segments are deleted, oldest first."""
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 from pathlib import Path
@@ -97,6 +98,7 @@ async def test_a_record_cut_short_ends_its_segment_and_is_kept_for_inspection(js
 
 
 async def test_emptied_segments_are_deleted_oldest_first(jspool: Spool, monkeypatch) -> None:
+    monkeypatch.setattr(journal, "SEGMENT_LIMIT", 100)   # no relief: the order alone
     assert jspool._journal is not None
     jspool._journal.segment_bytes = 3 * len(DATA)       # a new segment every few messages
     msgs = [await jspool.accept("a@x.test", [f"r{i}@y.test"], DATA) for i in range(9)]
@@ -113,6 +115,48 @@ async def test_emptied_segments_are_deleted_oldest_first(jspool: Spool, monkeypa
     again = _reopened(jspool)
     try:
         assert again.messages() == []
+    finally:
+        again.close()
+
+
+async def test_a_slow_first_attempt_does_not_hold_the_journal(jspool: Spool, monkeypatch) -> None:
+    monkeypatch.setattr(journal, "SEGMENT_LIMIT", 3)
+    assert jspool._journal is not None
+    jspool._journal.segment_bytes = 1                  # a new segment for every record
+    slow = await jspool.accept("a@x.test", ["slow@y.test"], DATA)
+    assert await jspool.load(slow.id) == DATA          # its attempt has begun, and goes on
+    for i in range(6):
+        msg = await jspool.accept("a@x.test", [f"r{i}@y.test"], DATA)
+        await jspool.finish(msg.id)
+    deadline = asyncio.get_running_loop().time() + 10
+    while len(_segments(jspool)) > 3 or jspool._relief is not None:
+        assert asyncio.get_running_loop().time() < deadline, _segments(jspool)
+        await _settled(jspool)
+    assert (jspool.msg_dir / slow.id).read_bytes().endswith(DATA)   # moved, not lost
+    assert slow.id not in jspool._journal
+    await jspool.finish(slow.id)                       # the attempt ends: the file goes
+    assert list(jspool.msg_dir.iterdir()) == []
+    again = _reopened(jspool)
+    try:
+        assert again.messages() == []
+    finally:
+        again.close()
+
+
+async def test_an_attempt_waits_for_the_relief_moving_its_message(jspool: Spool, monkeypatch) -> None:
+    monkeypatch.setattr(journal, "SEGMENT_LIMIT", 1)
+    assert jspool._journal is not None
+    jspool._journal.segment_bytes = 1
+    first = await jspool.accept("a@x.test", ["b@y.test"], DATA)
+    await jspool.accept("a@x.test", ["c@y.test"], DATA)   # past the limit: the relief starts
+    assert first.id in jspool._moving                 # copying the oldest message right now
+    await jspool.finish(first.id)                     # waits for the copy, then removes the file
+    assert jspool.get(first.id) is None
+    await _settled(jspool)
+    assert not (jspool.msg_dir / first.id).exists()
+    again = _reopened(jspool)
+    try:
+        assert [m.recipients for m in again.messages()] == [("c@y.test",)]
     finally:
         again.close()
 
