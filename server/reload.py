@@ -4,7 +4,10 @@ This module owns watching the rules file and deciding when a new Snapshot replac
 active one. It watches the *folders* that hold the file (and, for a symlink, every link
 on the way to its target, re-resolved after each change) with watchfiles, because
 editors save by replacing the file, deploy tools switch symlinks, and people delete and
-recreate. SIGHUP asks for the same reload through `request()`.
+recreate. watchfiles' blocking `watch` runs in a thread of its own that hands each batch
+of changes to the loop: its async form would bring in anyio and its worker threads, about
+1 MiB of the relay's memory for one wait. SIGHUP asks for the same reload through
+`request()`.
 
 A reload reads the file once (the same bytes are compiled and hashed), waits until it
 has been quiet for a short settle time, and retries when (st_ino, st_size, st_mtime_ns)
@@ -30,6 +33,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +161,50 @@ async def load_snapshot(path: str | os.PathLike[str], ctx: "EngineContext") -> S
     return assemble(prepare(decode_rules(data, str(path)), str(path)), ctx)
 
 
+class _WatchThread:
+    """watchfiles' blocking `watch` in a thread of its own; each batch it yields (an empty
+    one when `timeout` ms pass without a change) goes to the loop. It stops within `step`
+    ms of `stop` being set; `next()` then gives None, or raises what the watch raised."""
+
+    def __init__(self, folders: list[str], relevant: Callable[[object, str], bool],
+                 stop: threading.Event, *, debounce: int, step: int, timeout: int) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._batches: asyncio.Queue[object] = asyncio.Queue()
+        self._done = self._loop.create_future()
+        self._args = (folders, relevant, stop, debounce, step, timeout)
+        threading.Thread(target=self._run, name="rules-watch", daemon=True).start()
+
+    def _run(self) -> None:
+        from watchfiles import watch
+        folders, relevant, stop, debounce, step, timeout = self._args
+        end: Optional[BaseException] = None
+        try:
+            for changes in watch(*folders, watch_filter=relevant, recursive=False,
+                                 debounce=debounce, step=step, stop_event=stop,
+                                 rust_timeout=timeout, yield_on_timeout=True):
+                self._post(self._batches.put_nowait, changes)
+        except Exception as exc:   # e.g. a folder removed while the watch starts
+            end = exc
+        self._post(self._batches.put_nowait, end)
+        self._post(self._done.set_result, None)
+
+    def _post(self, fn: Callable[[object], None], item: object) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, item)
+        except RuntimeError:   # the loop is closed: nobody waits any more
+            pass
+
+    async def next(self) -> Optional[set]:
+        item = await self._batches.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item   # type: ignore[return-value]
+
+    async def ended(self) -> None:
+        """Wait until the thread has stopped (call after setting `stop`)."""
+        await asyncio.shield(self._done)
+
+
 def _watch_key(path: Path) -> tuple[frozenset[str], frozenset[str], tuple[int, ...]]:
     """What the current watch covers: the paths, their folders and those folders' inodes."""
     names, folders = resolution_chain(path)
@@ -198,6 +246,7 @@ class Reloader:
         self.poll_interval_ms = poll_interval_ms
         self.ready = asyncio.Event()           # set once the folder watch is running
         self._stopped = asyncio.Event()
+        self._watch_stop = threading.Event()   # the watch thread's copy of _stopped
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[object]] = set()
         self._seen: Optional[Fingerprint] = None   # first poll reads the file once
@@ -213,6 +262,7 @@ class Reloader:
 
     def stop(self) -> None:
         self._stopped.set()
+        self._watch_stop.set()
 
     async def run(self) -> None:
         """Watch until `stop()`; then wait for replaced engines to finish closing."""
@@ -242,8 +292,6 @@ class Reloader:
 
     async def _watch_once(self) -> None:
         """One watch over the current folder set; returns when the set must change."""
-        from watchfiles import awatch
-
         key = _watch_key(self.path)
         names, folders, _inodes = key
         if not folders:
@@ -256,14 +304,15 @@ class Reloader:
         def relevant(_change: object, changed: str) -> bool:
             return _norm(changed) in names
 
-        watch = awatch(*sorted(folders), watch_filter=relevant, recursive=False,
-                       debounce=self.debounce_ms, step=self.step_ms,
-                       stop_event=self._stopped, rust_timeout=self.poll_interval_ms,
-                       yield_on_timeout=True)
-        async with contextlib.aclosing(watch) as changes_seen:
-            async for changes in changes_seen:
+        stop = self._watch_stop = threading.Event()
+        if self._stopped.is_set():
+            return
+        batches = _WatchThread(sorted(folders), relevant, stop, debounce=self.debounce_ms,
+                               step=self.step_ms, timeout=self.poll_interval_ms)
+        try:
+            while (changes := await batches.next()) is not None:
                 if not self.ready.is_set():
-                    # The first yield comes after the watcher is set up: anything saved
+                    # The first batch comes after the watcher is set up: anything saved
                     # before then is caught by comparing the file with what we hold.
                     self.ready.set()
                 if changes:
@@ -273,6 +322,9 @@ class Reloader:
                 if _watch_key(self.path) != key:
                     # A symlink points elsewhere now, or a folder was replaced: watch anew.
                     return
+        finally:
+            stop.set()
+            await batches.ended()
 
     async def _wait_stop(self, seconds: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
