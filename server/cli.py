@@ -146,6 +146,11 @@ def serve_main(argv: Sequence[str]) -> int:
         print(f"routedsl serve: {exc}", file=sys.stderr)
         print(parser.format_usage().rstrip(), file=sys.stderr)
         return USAGE_ERROR
+    # Build the rules parser before the relay's modules load. What its construction frees
+    # is then filled by their objects; built later, it leaves holes in the heap for good
+    # (about 1 MiB of the relay's memory, measured in bench/throughput).
+    from routedsl.syntax import parser
+    parser()
     from server.app import run
     return run(config)
 
