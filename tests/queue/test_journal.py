@@ -5,9 +5,11 @@ to `routedsl queue` while it is there. Emptied segments are deleted, oldest firs
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import stat
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -24,13 +26,17 @@ def _segments(spool: Spool) -> list[str]:
     return journal.segment_names(spool.journal_dir)
 
 
-def _reopened(spool: Spool) -> Spool:
+@contextlib.contextmanager
+def _reopened(spool: Spool) -> Iterator[Spool]:
     """What a restart finds: the relay's spool closed (as after a crash: nothing flushed
     but what was already written) and opened again."""
     spool.close()
     again = Spool(spool.root)
     again.open()
-    return again
+    try:
+        yield again
+    finally:
+        again.close()
 
 
 @pytest.fixture
@@ -54,15 +60,12 @@ async def test_a_finished_message_stays_finished_after_a_restart(jspool: Spool) 
     waiting = await jspool.accept("a@x.test", ["c@y.test"], DATA + b"second\r\n")
     await jspool.finish(done.id)
     assert jspool.get(done.id) is None
-    again = _reopened(jspool)
-    try:
+    with _reopened(jspool) as again:
         assert [m.id for m in again.messages()] == [waiting.id]      # the done mark holds
         assert again.read_data(waiting.id) == DATA + b"second\r\n"  # now an ordinary file
         assert again.get(waiting.id).recipients == ("c@y.test",)
         assert again.get(waiting.id).arrival == waiting.arrival
         assert _segments(again) == []                               # the journal emptied
-    finally:
-        again.close()
 
 
 async def test_a_message_gets_its_file_before_its_first_state_write(jspool: Spool) -> None:
@@ -72,14 +75,11 @@ async def test_a_message_gets_its_file_before_its_first_state_write(jspool: Spoo
     assert (jspool.msg_dir / msg.id).read_bytes().endswith(DATA)
     assert (jspool.state_dir / f"{msg.id}.json").exists()
     assert await jspool.load(msg.id) == DATA                        # read back from msg/
-    again = _reopened(jspool)
-    try:
+    with _reopened(jspool) as again:
         assert [m.id for m in again.messages()] == [msg.id]         # once, not twice
         assert again.state(msg.id).pending == ("c@y.test",)
         await again.finish(msg.id)
         assert list(again.msg_dir.iterdir()) == []
-    finally:
-        again.close()
 
 
 async def test_a_record_cut_short_ends_its_segment_and_is_kept_for_inspection(jspool: Spool) -> None:
@@ -88,13 +88,10 @@ async def test_a_record_cut_short_ends_its_segment_and_is_kept_for_inspection(js
     line = queue.envelope_line(jspool.get(msgs[0].id), "0" * 64).replace(msgs[0].id.encode(), b"0" * 20)
     with open(jspool.journal_dir / name, "ab") as f:   # a crash in the middle of an append
         f.write(line + DATA[:10])
-    again = _reopened(jspool)
-    try:
+    with _reopened(jspool) as again:
         assert [m.id for m in again.messages()] == [m.id for m in msgs]
         assert [p.name.split(".")[0] for p in again.corrupt_dir.iterdir()] == [name]
         assert _segments(again) == []
-    finally:
-        again.close()
 
 
 async def test_emptied_segments_are_deleted_oldest_first(jspool: Spool, monkeypatch) -> None:
@@ -112,11 +109,8 @@ async def test_emptied_segments_are_deleted_oldest_first(jspool: Spool, monkeypa
     await _settled(jspool)
     assert len(_segments(jspool)) == 1                 # only the one being appended to
     assert len(jspool) == 0
-    again = _reopened(jspool)
-    try:
+    with _reopened(jspool) as again:
         assert again.messages() == []
-    finally:
-        again.close()
 
 
 async def test_a_slow_first_attempt_does_not_hold_the_journal(jspool: Spool, monkeypatch) -> None:
@@ -136,11 +130,8 @@ async def test_a_slow_first_attempt_does_not_hold_the_journal(jspool: Spool, mon
     assert slow.id not in jspool._journal
     await jspool.finish(slow.id)                       # the attempt ends: the file goes
     assert list(jspool.msg_dir.iterdir()) == []
-    again = _reopened(jspool)
-    try:
+    with _reopened(jspool) as again:
         assert again.messages() == []
-    finally:
-        again.close()
 
 
 async def test_an_attempt_waits_for_the_relief_moving_its_message(jspool: Spool, monkeypatch) -> None:
@@ -154,11 +145,8 @@ async def test_an_attempt_waits_for_the_relief_moving_its_message(jspool: Spool,
     assert jspool.get(first.id) is None
     await _settled(jspool)
     assert not (jspool.msg_dir / first.id).exists()
-    again = _reopened(jspool)
-    try:
+    with _reopened(jspool) as again:
         assert [m.recipients for m in again.messages()] == [("c@y.test",)]
-    finally:
-        again.close()
 
 
 async def _settled(spool: Spool) -> None:
@@ -210,11 +198,8 @@ async def test_a_failed_journal_fsync_refuses_the_message_and_forgets_it(jspool:
         await jspool.accept("a@x.test", ["c@y.test"], DATA)
     monkeypatch.setattr(os, "fsync", real)
     assert [m.id for m in jspool.messages()] == [kept.id]
-    again = _reopened(jspool)                          # its done mark keeps it from coming back
-    try:
+    with _reopened(jspool) as again:                   # its done mark keeps it from coming back
         assert [m.id for m in again.messages()] == [kept.id]
-    finally:
-        again.close()
 
 
 async def test_a_full_disk_leaves_no_partial_record(jspool: Spool, monkeypatch) -> None:
@@ -231,21 +216,15 @@ async def test_a_full_disk_leaves_no_partial_record(jspool: Spool, monkeypatch) 
     assert err.value.errno == 28
     monkeypatch.setattr(journal, "write_all", real)
     second = await jspool.accept("a@x.test", ["d@y.test"], DATA)
-    again = _reopened(jspool)
-    try:
+    with _reopened(jspool) as again:
         assert [m.id for m in again.messages()] == [first.id, second.id]
         assert list(again.corrupt_dir.iterdir()) == []   # the segment reads to its end
-    finally:
-        again.close()
 
 
 async def test_a_restart_keeps_the_copy_already_in_msg(jspool: Spool) -> None:
     msg = await jspool.accept("a@x.test", ["b@y.test"], DATA)
     # copied to msg/ but the done mark not yet written: a crash in between
     jspool._write_and_sync(jspool.get(msg.id), DATA)
-    again = _reopened(jspool)
-    try:
+    with _reopened(jspool) as again:
         assert [m.id for m in again.messages()] == [msg.id]
         assert again.read_data(msg.id) == DATA
-    finally:
-        again.close()
