@@ -168,15 +168,17 @@ class _WatchThread:
 
     def __init__(self, folders: list[str], relevant: Callable[[object, str], bool],
                  stop: threading.Event, *, debounce: int, step: int, timeout: int) -> None:
+        # imported here, on the loop's thread: modules imported in another thread would
+        # keep that thread's malloc arena in use for as long as the relay runs
+        from watchfiles import watch
         self._loop = asyncio.get_running_loop()
         self._batches: asyncio.Queue[object] = asyncio.Queue()
         self._done = self._loop.create_future()
-        self._args = (folders, relevant, stop, debounce, step, timeout)
+        self._args = (watch, folders, relevant, stop, debounce, step, timeout)
         threading.Thread(target=self._run, name="rules-watch", daemon=True).start()
 
     def _run(self) -> None:
-        from watchfiles import watch
-        folders, relevant, stop, debounce, step, timeout = self._args
+        watch, folders, relevant, stop, debounce, step, timeout = self._args
         end: Optional[BaseException] = None
         try:
             for changes in watch(*folders, watch_filter=relevant, recursive=False,
