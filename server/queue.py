@@ -389,6 +389,7 @@ class Spool:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
         self._start_io()
+        self._drop_temp_files()
         self._replay_journal()
         self._recover()
         if self._use_journal:
@@ -448,12 +449,7 @@ class Spool:
         for rec in contents.live:
             if _is_whole(self.msg_dir / rec.id):
                 continue   # copied to msg/ before its done mark was durable
-            fd = _create_file(rec.id, (rec.line, rec.data), self._tmp_fd)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(rec.id, rec.id, src_dir_fd=self._tmp_fd, dst_dir_fd=self._msg_fd)
+            self._write_and_sync(parse_envelope(rec.line)[0], rec.data)
             moved += 1
         os.fsync(self._msg_fd)
         for name in names:
@@ -466,10 +462,13 @@ class Spool:
         self._journal_seq = int(names[-1], 16) + 1
         log.info("journal: %d message(s) moved to msg/, %d segment(s) emptied", moved, len(names))
 
-    def _recover(self) -> None:
+    def _drop_temp_files(self) -> None:
+        # first: a copy to msg/ that a crash cut short must not block the journal's replay
         for p in sorted(self.tmp_dir.iterdir()):
             log.warning("dropped unfinished temp file %s (it was never acknowledged)", p.name)
             _unlink_quietly(p)
+
+    def _recover(self) -> None:
         self._messages.clear()
         self._states.clear()
         self._state_files.clear()

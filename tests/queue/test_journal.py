@@ -228,3 +228,13 @@ async def test_a_restart_keeps_the_copy_already_in_msg(jspool: Spool) -> None:
     with _reopened(jspool) as again:
         assert [m.id for m in again.messages()] == [msg.id]
         assert again.read_data(msg.id) == DATA
+
+
+async def test_a_copy_cut_short_in_tmp_does_not_stop_the_restart(jspool: Spool) -> None:
+    msg = await jspool.accept("a@x.test", ["b@y.test"], DATA)
+    # a crash while the message was being copied to msg/: half a file left in tmp/
+    (jspool.tmp_dir / msg.id).write_bytes(DATA[:10])
+    with _reopened(jspool) as again:
+        assert [m.id for m in again.messages()] == [msg.id]
+        assert again.read_data(msg.id) == DATA
+        assert list(again.tmp_dir.iterdir()) == []
