@@ -43,6 +43,7 @@ discards; the reverse order could resurrect a finished message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -58,7 +59,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Optional
+from typing import Callable, Iterable, Iterator, Literal, Optional
 
 from server import journal
 from server.files import unlink_quietly as _unlink_quietly, write_all as _write_all
@@ -581,15 +582,13 @@ class Spool:
             self._fresh_bytes -= len(data)
             return data
         if await self._in_journal(qid):
-            self._touching.add(qid)
-            try:
-                return await self._run(self._read_journaled, qid)
-            except CorruptMessage:
-                await self._leave_journal(qid)
-                self._forget(qid)
-                raise
-            finally:
-                self._touching.discard(qid)
+            with self._touched(qid):
+                try:
+                    return await self._run(self._read_journaled, qid)
+                except CorruptMessage:
+                    await self._leave_journal(qid)
+                    self._forget(qid)
+                    raise
         return await self._run(self.read_data, qid)
 
     # -- committing messages
@@ -759,11 +758,8 @@ class Spool:
             raise KeyError(state.id)
         group = self._committer()
         if await self._in_journal(state.id):
-            self._touching.add(state.id)
-            try:
+            with self._touched(state.id):
                 await self._move_to_msg(state.id)
-            finally:
-                self._touching.discard(state.id)
         self._state_files.add(state.id)
         await group.submit(functools.partial(self._replace_state_file, state),
                            folders=(self._state_fd,))
@@ -798,11 +794,8 @@ class Spool:
         batch); state/ID.json is unlinked only when one was ever written. A message still
         in the journal gets a done mark instead."""
         if await self._in_journal(qid):
-            self._touching.add(qid)
-            try:
+            with self._touched(qid):
                 await self._leave_journal(qid)
-            finally:
-                self._touching.discard(qid)
             self._forget(qid)
             return
         after = functools.partial(self._unlink_state, qid) if qid in self._state_files else None
@@ -814,12 +807,21 @@ class Spool:
 
     async def _in_journal(self, qid: str) -> bool:
         """Is the message still in the journal? Waits first for its copy to msg/ by the
-        relief, if one is under way. The caller then marks it in `_touching` before its
-        next await, so the relief leaves it alone."""
+        relief, if one is under way. The caller then enters `_touched` before its next
+        await, so the relief leaves it alone."""
         moving = self._moving.get(qid)
         if moving is not None:
             await asyncio.shield(moving)
         return self._journal is not None and qid in self._journal
+
+    @contextlib.contextmanager
+    def _touched(self, qid: str) -> Iterator[None]:
+        """An attempt's step on a journaled message: the relief leaves the message alone."""
+        self._touching.add(qid)
+        try:
+            yield
+        finally:
+            self._touching.discard(qid)
 
     async def _relieve(self) -> None:
         """Copy the oldest segment's remaining messages to msg/ while there are more than
@@ -829,7 +831,7 @@ class Spool:
         try:
             while self._journal is not None and self._journal.segment_count > journal.SEGMENT_LIMIT:
                 ids = [q for q in self._journal.oldest()
-                       if q in self._messages and q not in self._touching and q not in self._moving]
+                       if q in self._messages and q not in self._touching]
                 if not ids:
                     return
                 for qid in ids:
